@@ -1,0 +1,121 @@
+"""Building blocks of the nested U-Net graph: the conv block, upsampling and the heads."""
+
+from __future__ import annotations
+
+import keras
+
+UPSAMPLING_MODES = ("transpose", "bilinear", "nearest")
+
+
+def _regularizer(l2: float):
+    return keras.regularizers.L2(l2) if l2 else None
+
+
+def conv_block(
+    x,
+    filters: int,
+    *,
+    name: str,
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    l2: float = 0.0,
+    activation: str = "relu",
+    kernel_initializer: str = "he_normal",
+    convs: int = 2,
+):
+    """Apply `convs` x (3x3 conv -> [BatchNorm] -> activation -> [dropout]).
+
+    Layers are named from the prefix: `{name}_conv1`, `{name}_bn1`, `{name}_act1`,
+    `{name}_drop1`, ... With BatchNorm the convolution has no bias (BatchNorm's shift
+    replaces it).
+
+    Args:
+        x: tensor. The block input, channels last.
+        filters: int. Output channels of each convolution.
+        name: str. Prefix for the layer names.
+        batch_norm: bool. Insert BatchNormalization after each convolution.
+            Defaults to True.
+        dropout: float. Dropout rate after each activation; 0 disables it.
+            Defaults to 0.0.
+        l2: float. L2 weight decay on the kernels; 0 disables it. Defaults to 0.0.
+        activation: str. Keras activation name. Defaults to "relu".
+        kernel_initializer: str. Keras initializer name. Defaults to "he_normal".
+        convs: int. Number of convolutions. Defaults to 2.
+
+    Example:
+        >>> x = keras.Input((32, 32, 3))
+        >>> y = conv_block(x, 8, name="x_0_0")
+        >>> tuple(y.shape)
+        (None, 32, 32, 8)
+    """
+    for k in range(1, convs + 1):
+        x = keras.layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=not batch_norm,
+            kernel_initializer=kernel_initializer,
+            kernel_regularizer=_regularizer(l2),
+            name=f"{name}_conv{k}",
+        )(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"{name}_bn{k}")(x)
+        x = keras.layers.Activation(activation, name=f"{name}_act{k}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"{name}_drop{k}")(x)
+    return x
+
+
+def upsample(x, filters: int, *, name: str, mode: str = "transpose", kernel_initializer="he_normal"):
+    """Double the spatial size of `x`.
+
+    "transpose" is the paper's 2x2 stride-2 transposed convolution to `filters` channels
+    (with bias, no activation); "bilinear" and "nearest" resize and keep the channels.
+
+    Args:
+        x: tensor. Channels-last input.
+        filters: int. Output channels of the transposed convolution.
+        name: str. Layer name.
+        mode: str. One of "transpose", "bilinear", "nearest". Defaults to "transpose".
+        kernel_initializer: str. Initializer of the transposed convolution.
+            Defaults to "he_normal".
+
+    Example:
+        >>> y = upsample(keras.Input((8, 8, 16)), 8, name="up")
+        >>> tuple(y.shape)
+        (None, 16, 16, 8)
+    """
+    if mode == "transpose":
+        return keras.layers.Conv2DTranspose(
+            filters, 2, strides=2, padding="same", kernel_initializer=kernel_initializer, name=name
+        )(x)
+    return keras.layers.UpSampling2D(2, interpolation=mode, name=name)(x)
+
+
+def segmentation_head(x, num_classes: int, *, name: str, activation, l2: float = 0.0, kernel_initializer="he_normal"):
+    """A 1x1 convolution to `num_classes` channels and the output activation.
+
+    The activation layer is named `name` and computes in float32, so mixed-precision
+    models still return float32 probabilities; the convolution is `{name}_logits`.
+
+    Args:
+        x: tensor. A decoder node X(0, j).
+        num_classes: int. Output channels.
+        name: str. Name of the output (the activation layer).
+        activation: str or None. "sigmoid", "softmax", or None for logits.
+        l2: float. L2 weight decay on the kernel. Defaults to 0.0.
+        kernel_initializer: str. Defaults to "he_normal".
+
+    Example:
+        >>> y = segmentation_head(keras.Input((32, 32, 8)), 1, name="head", activation="sigmoid")
+        >>> tuple(y.shape)
+        (None, 32, 32, 1)
+    """
+    x = keras.layers.Conv2D(
+        num_classes,
+        1,
+        kernel_initializer=kernel_initializer,
+        kernel_regularizer=_regularizer(l2),
+        name=f"{name}_logits",
+    )(x)
+    return keras.layers.Activation(activation or "linear", dtype="float32", name=name)(x)

@@ -1,0 +1,60 @@
+"""Named configurations, starting with the paper's official one."""
+
+from __future__ import annotations
+
+import keras
+
+from unetpp_tf.models.unetpp import build_unet, build_unetpp
+
+ARCHITECTURES = {"unetpp": build_unetpp, "unet": build_unet}
+
+PRESETS = {
+    # The official Keras code of Zhou et al.: 32..512 filters, two 3x3 ReLU convs per
+    # node, he_normal, L2 1e-4, dropout 0.5, no BatchNorm, 2x2 stride-2 transposed conv.
+    "paper": dict(
+        depth=4,
+        filters=(32, 64, 128, 256, 512),
+        batch_norm=False,
+        dropout=0.5,
+        l2=1e-4,
+        upsampling="transpose",
+        activation="relu",
+        kernel_initializer="he_normal",
+    ),
+}
+
+
+def build_model(arch: str = "unetpp", **options) -> keras.Model:
+    """Build a model by architecture name ("unetpp" or "unet").
+
+    Args:
+        arch: str. "unetpp" or "unet". Defaults to "unetpp".
+        **options: arguments of `build_unetpp` / `build_unet`.
+
+    Example:
+        >>> model = build_model("unet", input_shape=(64, 64, 3), filters=16)
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    return ARCHITECTURES[arch](**options)
+
+
+def from_preset(preset: str = "paper", arch: str = "unetpp", **overrides) -> keras.Model:
+    """Build a named configuration; keyword arguments override the preset's values.
+
+    The "paper" preset with a 1-channel input has exactly 9,041,601 parameters as UNet++
+    (9,041,700 with the four deep-supervision heads) and 7,759,521 as U-Net.
+
+    Args:
+        preset: str. A key of `PRESETS`. Defaults to "paper".
+        arch: str. "unetpp" or "unet". Defaults to "unetpp".
+        **overrides: any argument of the builder (input_shape, num_classes, ...).
+
+    Example:
+        >>> model = from_preset("paper", input_shape=(96, 96, 1), deep_supervision=True)
+        >>> model.count_params()
+        9041700
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return build_model(arch, **{**PRESETS[preset], **overrides})

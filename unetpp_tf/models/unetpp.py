@@ -1,0 +1,266 @@
+"""The UNet++ and U-Net graphs, built with the functional API from one function.
+
+Nodes follow the paper's notation: X(i, j) is the node at encoder level i (0 = full
+resolution) and column j. Column 0 is the encoder; for j > 0 UNet++ computes
+
+    X(i, j) = conv_block(concat([X(i, 0), ..., X(i, j-1), up(X(i+1, j-1))]))
+
+while U-Net keeps only the nodes with i + j == depth and the skip X(i, 0). Layers are
+named after their node (`x_{i}_{j}_conv1`, `x_{i}_{j}_up`, `x_{i}_{j}_concat`, ...);
+the heads on X(0, j) are named `output_{j}`, as in the paper's official code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import keras
+
+from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
+
+
+def _check_depth(depth) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1 (the number of poolings), got {depth!r}.")
+
+
+def _resolve_widths(filters, depth: int, width_multiplier: float) -> list[int]:
+    if isinstance(filters, Sequence) and not isinstance(filters, str):
+        widths = list(filters)
+        if len(widths) != depth + 1:
+            raise ValueError(
+                f"filters has {len(widths)} entries but depth {depth} needs depth + 1 = {depth + 1} "
+                f"(one width per encoder level), e.g. {tuple(32 * 2**i for i in range(depth + 1))}; "
+                "or pass one base width such as filters=32."
+            )
+    else:
+        widths = [filters * 2**i if isinstance(filters, int) else filters for i in range(depth + 1)]
+    if width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}.")
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"filters must be positive integers, got {filters!r}.")
+    return [max(1, round(w * width_multiplier)) for w in widths]
+
+
+def _nearest_valid(size: int, multiple: int) -> str:
+    lower = (size // multiple) * multiple
+    upper = lower + multiple
+    return f"{lower} or {upper}" if lower else f"{upper}"
+
+
+def _check_input_shape(input_shape, depth: int) -> tuple:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}; "
+            "use None for a variable height or width."
+        )
+    height, width, channels = input_shape
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"input channels must be a positive integer, got {channels!r}.")
+    multiple = 2**depth
+    for label, size in (("height", height), ("width", width)):
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"input {label} must be a positive integer or None, got {size!r}.")
+        if size % multiple:
+            raise ValueError(
+                f"input {label} {size} is not divisible by {multiple} (depth {depth}); "
+                f"resize or pad to {_nearest_valid(size, multiple)}."
+            )
+    return tuple(input_shape)
+
+
+def _output_activation(output_activation, num_classes: int):
+    if output_activation == "auto":
+        return "sigmoid" if num_classes == 1 else "softmax"
+    return output_activation
+
+
+def _build(
+    nested: bool,
+    input_shape,
+    num_classes: int,
+    depth: int,
+    filters,
+    deep_supervision: bool,
+    *,
+    batch_norm: bool,
+    dropout: float,
+    l2: float,
+    upsampling: str,
+    activation: str,
+    kernel_initializer: str,
+    output_activation,
+    width_multiplier: float,
+    name: str,
+) -> keras.Model:
+    _check_depth(depth)
+    widths = _resolve_widths(filters, depth, width_multiplier)
+    input_shape = _check_input_shape(input_shape, depth)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
+    if upsampling not in UPSAMPLING_MODES:
+        raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}.")
+    head_activation = _output_activation(output_activation, num_classes)
+    block = dict(
+        batch_norm=batch_norm,
+        dropout=dropout,
+        l2=l2,
+        activation=activation,
+        kernel_initializer=kernel_initializer,
+    )
+
+    inputs = keras.Input(input_shape, name="image")
+    x = {}
+    for i in range(depth + 1):
+        source = inputs if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
+        x[i, 0] = conv_block(source, widths[i], name=f"x_{i}_0", **block)
+    for j in range(1, depth + 1):
+        for i in range(depth - j + 1):
+            if not nested and i + j != depth:
+                continue
+            up = upsample(
+                x[i + 1, j - 1],
+                widths[i],
+                name=f"x_{i}_{j}_up",
+                mode=upsampling,
+                kernel_initializer=kernel_initializer,
+            )
+            skips = [x[i, k] for k in range(j)] if nested else [x[i, 0]]
+            merged = keras.layers.Concatenate(name=f"x_{i}_{j}_concat")([*skips, up])
+            x[i, j] = conv_block(merged, widths[i], name=f"x_{i}_{j}", **block)
+
+    def head(j):
+        return segmentation_head(
+            x[0, j],
+            num_classes,
+            name=f"output_{j}",
+            activation=head_activation,
+            l2=l2,
+            kernel_initializer=kernel_initializer,
+        )
+
+    outputs = [head(j) for j in range(1, depth + 1)] if deep_supervision else head(depth)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_unetpp(
+    input_shape=(None, None, 1),
+    num_classes: int = 1,
+    depth: int = 4,
+    filters=32,
+    deep_supervision: bool = False,
+    *,
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    l2: float = 0.0,
+    upsampling: str = "transpose",
+    activation: str = "relu",
+    kernel_initializer: str = "he_normal",
+    output_activation="auto",
+    width_multiplier: float = 1.0,
+    name: str = "unetpp",
+) -> keras.Model:
+    """Build a UNet++ (nested U-Net) as a functional `keras.Model`.
+
+    With `deep_supervision=True` the model has one output per decoder column,
+    `output_1` ... `output_{depth}` (heads on X(0, 1..depth)), for a loss on each;
+    `unetpp_tf.inference_model` turns it into the paper's "accurate" (mean of heads) or
+    "fast" (one pruned head) model. Without it the single output is `output_{depth}`.
+    `unetpp_tf.from_preset("paper")` gives the paper's exact configuration.
+
+    Args:
+        input_shape: tuple. (height, width, channels); height and width may be None and
+            otherwise must be divisible by 2**depth. Defaults to (None, None, 1).
+        num_classes: int. 1 for binary segmentation (sigmoid), K > 1 for K classes
+            (softmax). Defaults to 1.
+        depth: int. Number of poolings (the paper uses 4). Defaults to 4.
+        filters: int or tuple. Base width doubled at each level, or depth + 1 explicit
+            widths. Defaults to 32.
+        deep_supervision: bool. One head per column X(0, j). Defaults to False.
+        batch_norm: bool. BatchNormalization after each convolution. Defaults to True.
+        dropout: float. Dropout after each convolution. Defaults to 0.0.
+        l2: float. L2 weight decay on convolution kernels. Defaults to 0.0.
+        upsampling: str. "transpose" (2x2 stride-2 transposed conv), "bilinear" or
+            "nearest". Defaults to "transpose".
+        activation: str. Activation of the hidden convolutions. Defaults to "relu".
+        kernel_initializer: str. Defaults to "he_normal".
+        output_activation: str or None. "auto" is sigmoid for one class and softmax
+            otherwise; None returns logits (use `from_logits=True` in the losses).
+            Defaults to "auto".
+        width_multiplier: float. Scales every width (e.g. 0.5 for half width).
+            Defaults to 1.0.
+        name: str. Model name. Defaults to "unetpp".
+
+    Returns:
+        keras.Model: the uncompiled model.
+
+    Example:
+        >>> model = build_unetpp((96, 96, 1), depth=4, filters=32, deep_supervision=True)
+        >>> [o.name for o in model.outputs][:1], len(model.outputs)
+    """
+    return _build(
+        True,
+        input_shape,
+        num_classes,
+        depth,
+        filters,
+        deep_supervision,
+        batch_norm=batch_norm,
+        dropout=dropout,
+        l2=l2,
+        upsampling=upsampling,
+        activation=activation,
+        kernel_initializer=kernel_initializer,
+        output_activation=output_activation,
+        width_multiplier=width_multiplier,
+        name=name,
+    )
+
+
+def build_unet(
+    input_shape=(None, None, 1),
+    num_classes: int = 1,
+    depth: int = 4,
+    filters=32,
+    *,
+    name: str = "unet",
+    **options,
+) -> keras.Model:
+    """Build the plain U-Net baseline from the same code as UNet++.
+
+    Only the nodes X(depth - j, j) of the decoder are built, each joined to the encoder
+    node of its level by one skip; a wide U-Net is the same with wider `filters`.
+
+    Args:
+        input_shape: tuple. As in `build_unetpp`. Defaults to (None, None, 1).
+        num_classes: int. As in `build_unetpp`. Defaults to 1.
+        depth: int. Number of poolings. Defaults to 4.
+        filters: int or tuple. As in `build_unetpp`. Defaults to 32.
+        name: str. Model name. Defaults to "unet".
+        **options: the keyword options of `build_unetpp` (batch_norm, dropout, l2,
+            upsampling, activation, kernel_initializer, output_activation,
+            width_multiplier).
+
+    Example:
+        >>> wide = build_unet((96, 96, 1), filters=(35, 70, 140, 280, 560))
+    """
+    if options.pop("deep_supervision", False):
+        raise ValueError(
+            "U-Net has a single decoder column, so deep supervision has no heads to add; "
+            "use build_unetpp(deep_supervision=True) instead."
+        )
+    params = inspect.signature(build_unetpp).parameters
+    valid = [key for key, p in params.items() if p.kind is p.KEYWORD_ONLY and key != "name"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for build_unet; valid options are {valid}.")
+    settings = {key: options.get(key, params[key].default) for key in valid}
+    return _build(False, input_shape, num_classes, depth, filters, False, name=name, **settings)
