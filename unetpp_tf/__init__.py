@@ -6,8 +6,17 @@ Example:
     >>> model.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss(), metrics=[unetpp_tf.metrics.Dice()])
 """
 
-from unetpp_tf import losses, metrics
-from unetpp_tf.models import (
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from unetpp_tf._native_logs import native_stderr_silenced  # noqa: E402
+
+with native_stderr_silenced():
+    import tensorflow  # noqa: F401  (its native start-up notices stay off the terminal)
+
+from unetpp_tf import data, losses, metrics  # noqa: E402
+from unetpp_tf.models import (  # noqa: E402
     PRESETS,
     build_model,
     build_unet,
@@ -25,6 +34,7 @@ __all__ = [
     "build_model",
     "build_unet",
     "build_unetpp",
+    "data",
     "from_preset",
     "inference_model",
     "losses",

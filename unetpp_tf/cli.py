@@ -7,8 +7,9 @@ Errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from unetpp_tf._native_logs import native_stderr_silenced
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with native_stderr_silenced():
+            return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
         print(f"unetpp-tf: error: {error}", file=sys.stderr)
         return 2

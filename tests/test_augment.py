@@ -1,0 +1,118 @@
+"""Joint augmentation: alignment of image and mask, integer masks, seeds, train-step use."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import unetpp_tf
+from unetpp_tf.data import AugmentedModel, SegmentationAugmenter
+
+GEOMETRIC = dict(rotation=0.1, zoom=0.15, translation=0.1, elastic=2.0)
+
+
+def _shapes(batch=6, size=48, seed=0):
+    """Images with flat-valued rectangles (levels 0.1 / 0.5 / 0.9) and the masks derived from them."""
+    rng = np.random.default_rng(seed)
+    images = np.full((batch, size, size, 1), 0.1, np.float32)
+    for b in range(batch):
+        for level in (0.5, 0.9):
+            y, x = rng.integers(4, size - 20, 2)
+            images[b, y : y + rng.integers(8, 16), x : x + rng.integers(8, 16)] = level
+    masks = np.digitize(images, [0.3, 0.7]).astype(np.int32)  # 0.1 -> 0, 0.5 -> 1, 0.9 -> 2
+    return images, masks
+
+
+def test_geometric_augmentation_keeps_image_and_mask_aligned():
+    images, masks = _shapes()
+    augmenter = SegmentationAugmenter(flip=True, rotate90=True, seed=3, **GEOMETRIC)
+    out_images, out_masks = (np.asarray(t) for t in augmenter(images, masks, training=True))
+    assert out_masks.dtype == np.int32 and set(np.unique(out_masks)) <= {0, 1, 2}
+    derived = np.digitize(out_images, [0.3, 0.7])
+    assert np.mean(derived == out_masks) > 0.97  # only interpolated edge pixels may differ
+    assert np.mean(out_masks != masks) > 0.05  # it really moved things
+    assert np.mean(derived == masks) < np.mean(derived == out_masks) - 0.03
+
+
+def test_photometric_augmentation_touches_images_only():
+    images, masks = _shapes()
+    augmenter = SegmentationAugmenter(
+        flip=False, rotate90=False, brightness=0.1, contrast=0.2, gamma=0.2, noise=0.05, blur=0.5, seed=0
+    )
+    out_images, out_masks = augmenter(images, masks, training=True)
+    np.testing.assert_array_equal(np.asarray(out_masks), masks)
+    out_images = np.asarray(out_images)
+    assert np.abs(out_images - images).mean() > 0.01
+    assert out_images.min() >= 0.0 and out_images.max() <= 1.0
+
+
+def test_inference_passes_through_and_shapes_dtypes_kept():
+    images, masks = _shapes()
+    augmenter = SegmentationAugmenter(seed=0, **GEOMETRIC)
+    same_images, same_masks = augmenter(images, masks, training=False)
+    np.testing.assert_array_equal(np.asarray(same_images), images)
+    squeezed = masks[..., 0].astype(np.uint8)
+    _, out = augmenter(images, squeezed, training=True)
+    assert out.shape == squeezed.shape and np.asarray(out).dtype == np.uint8
+
+
+def test_seeded_draws_are_reproducible():
+    images, masks = _shapes()
+    first = [np.asarray(t) for t in SegmentationAugmenter(seed=7, noise=0.05, **GEOMETRIC)(images, masks)]
+    again = [np.asarray(t) for t in SegmentationAugmenter(seed=7, noise=0.05, **GEOMETRIC)(images, masks)]
+    other = [np.asarray(t) for t in SegmentationAugmenter(seed=8, noise=0.05, **GEOMETRIC)(images, masks)]
+    np.testing.assert_allclose(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.allclose(first[0], other[0])
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="rotation must be >= 0"):
+        SegmentationAugmenter(rotation=-0.1)
+    with pytest.raises(ValueError, match="blur is a probability"):
+        SegmentationAugmenter(blur=2.0)
+    with pytest.raises(ValueError, match="rotate90 needs square images.*set rotate90=False"):
+        SegmentationAugmenter(rotate90=True)(np.zeros((1, 32, 48, 1)), np.zeros((1, 32, 48, 1)))
+
+
+def test_config_round_trip():
+    augmenter = SegmentationAugmenter(rotation=0.1, elastic=2.0, noise=0.03, seed=5)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(augmenter))
+    assert clone.get_config() == augmenter.get_config()
+
+
+def test_host_side_augmentation_in_tf_data():
+    augmenter = SegmentationAugmenter(rotation=0.1, noise=0.05, seed=1)
+    plain = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False)
+    augmented = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False, augment=augmenter)
+    (x0, y0), (x1, y1) = next(iter(plain.train)), next(iter(augmented.train))
+    assert y1.dtype == tf.int32 and set(np.unique(y1.numpy())) <= {0, 1}
+    assert not np.allclose(x0.numpy(), x1.numpy())
+    np.testing.assert_array_equal(next(iter(augmented.val))[1].numpy(), next(iter(plain.val))[1].numpy())
+
+
+def _identity_model():
+    """A 1x1 convolution fixed to the identity: its prediction is its input."""
+    model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Conv2D(1, 1, kernel_initializer="ones")])
+    model.compile(keras.optimizers.SGD(learning_rate=0.0), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("settings, zero_loss", [(dict(flip=True, rotate90=True), True), (dict(noise=0.2), False)])
+def test_augmentation_runs_inside_the_train_step(settings, zero_loss):
+    masks = (np.random.default_rng(0).random((8, 32, 32, 1)) > 0.5).astype(np.int32)
+    images = masks.astype(np.float32)  # the identity model predicts the mask from its image
+    wrapper = AugmentedModel(_identity_model(), SegmentationAugmenter(**{"flip": False, "rotate90": False, **settings}, seed=0))
+    wrapper.compile(keras.optimizers.SGD(learning_rate=0.0), loss="mse")
+    loss = wrapper.train_on_batch(images, masks)
+    # Geometric transforms move image and mask together (loss stays 0); noise changes the image alone.
+    assert (loss < 1e-9) == zero_loss
+    assert wrapper.evaluate(images, masks, verbose=0) < 1e-9  # evaluation is never augmented
+
+
+def test_augmented_model_feeds_every_deep_supervision_head(tiny_ds_model):
+    data = unetpp_tf.data.synthetic(16, image_size=(32, 32), batch_size=8)
+    wrapper = AugmentedModel(tiny_ds_model, SegmentationAugmenter(rotation=0.05, seed=0))
+    wrapper.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss())
+    history = wrapper.fit(data.train, validation_data=data.val, epochs=1, verbose=0).history
+    assert {"output_1_loss", "output_2_loss", "val_loss"} <= set(history)

@@ -1,0 +1,32 @@
+"""Input pipelines: folders, numpy arrays, tensorflow-datasets and a built-in synthetic set.
+
+Every source returns a `SegmentationData` of batched train/val/test `tf.data.Dataset`s
+yielding (image float32 [B, H, W, C], mask int32 [B, H, W, 1]) tuples.
+
+Example:
+    >>> data = unetpp_tf.data.synthetic(num_samples=256)
+    >>> data = unetpp_tf.data.from_directory("my_data", image_size=(256, 256))
+"""
+
+from unetpp_tf.data.arrays import from_arrays
+from unetpp_tf.data.augment import AugmentedModel, SegmentationAugmenter
+from unetpp_tf.data.folder import from_directory
+from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices
+from unetpp_tf.data.stats import dataset_statistics
+from unetpp_tf.data.synthetic import synthetic, synthetic_sample
+from unetpp_tf.data.tfds_source import from_tfds
+
+__all__ = [
+    "SPLITS",
+    "AugmentedModel",
+    "SegmentationAugmenter",
+    "SegmentationData",
+    "dataset_statistics",
+    "finalize",
+    "from_arrays",
+    "from_directory",
+    "from_tfds",
+    "split_indices",
+    "synthetic",
+    "synthetic_sample",
+]

@@ -1,0 +1,268 @@
+"""Joint image/mask augmentation as a Keras layer, so it runs on the accelerator.
+
+Geometric transforms (flips, 90-degree rotations, rotation, zoom, translation, elastic
+deformation) move image and mask with the same random parameters; masks are resampled
+with nearest-neighbour interpolation only, so they keep integer class ids. Photometric
+transforms (brightness, contrast, gamma, noise, blur) touch the image alone.
+
+The layer is used in one of two places:
+- on the device, inside the training step: `AugmentedModel(model, augmenter)` wraps a
+  model so `fit` augments each batch where the model runs (the GPU when there is one);
+- on the host, in tf.data: pass `augment=augmenter` to a data source.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+
+def _gaussian_taps(sigma: float):
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    taps = [math.exp(-0.5 * (t / sigma) ** 2) for t in range(-radius, radius + 1)]
+    return [t / sum(taps) for t in taps]
+
+
+def _sample(x, rows, cols, *, bilinear: bool):
+    """Resample x [B, H, W, C] at float pixel positions rows/cols [B, H, W], edges clamped."""
+    shape = ops.shape(x)
+    batch, height, width = shape[0], shape[1], shape[2]
+    flat = ops.reshape(x, (-1, x.shape[-1]))
+    base = ops.arange(batch)[:, None, None] * height * width
+
+    def gather(r, c):
+        r = ops.clip(ops.cast(r, "int32"), 0, height - 1)
+        c = ops.clip(ops.cast(c, "int32"), 0, width - 1)
+        return ops.take(flat, base + r * width + c, axis=0)
+
+    if not bilinear:
+        return gather(ops.round(rows), ops.round(cols))
+    r0, c0 = ops.floor(rows), ops.floor(cols)
+    wr, wc = (rows - r0)[..., None], (cols - c0)[..., None]
+    top = gather(r0, c0) * (1 - wc) + gather(r0, c0 + 1) * wc
+    bottom = gather(r0 + 1, c0) * (1 - wc) + gather(r0 + 1, c0 + 1) * wc
+    return top * (1 - wr) + bottom * wr
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class SegmentationAugmenter(keras.layers.Layer):
+    """Random joint augmentation of an image batch and its mask batch.
+
+    Call it as `images, masks = augmenter(images, masks, training=True)`; with
+    `training=False` both pass through unchanged. Masks may be [B, H, W] or [B, H, W, 1]
+    of any integer or float dtype and come back with the same shape and dtype.
+
+    Args:
+        flip: bool. Random horizontal and vertical flips. Defaults to True.
+        rotate90: bool. Random multiples of 90 degrees (square images only).
+            Defaults to True.
+        rotation: float. Maximum rotation as a fraction of a full turn (0.1 = 36
+            degrees). Defaults to 0.0.
+        zoom: float. Maximum zoom in or out as a fraction of the size. Defaults to 0.0.
+        translation: float. Maximum shift as a fraction of the size. Defaults to 0.0.
+        elastic: float. Elastic deformation strength: displacement in pixels of a
+            smooth random field. Defaults to 0.0.
+        brightness: float. Maximum additive brightness change. Defaults to 0.0.
+        contrast: float. Maximum relative contrast change. Defaults to 0.0.
+        gamma: float. Maximum |log gamma| of a random gamma curve. Defaults to 0.0.
+        noise: float. Maximum standard deviation of additive Gaussian noise.
+            Defaults to 0.0.
+        blur: float. Probability of a Gaussian blur (sigma 1 pixel). Defaults to 0.0.
+        value_range: tuple or None. Clip images to this range after photometric
+            changes; None for normalized images. Defaults to (0.0, 1.0).
+        seed: int or None. Seed for reproducible draws. Defaults to None.
+
+    Example:
+        >>> augmenter = SegmentationAugmenter(rotation=0.05, zoom=0.1, brightness=0.1, seed=0)
+        >>> images, masks = augmenter(images, masks, training=True)
+    """
+
+    def __init__(
+        self,
+        flip: bool = True,
+        rotate90: bool = True,
+        rotation: float = 0.0,
+        zoom: float = 0.0,
+        translation: float = 0.0,
+        elastic: float = 0.0,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        gamma: float = 0.0,
+        noise: float = 0.0,
+        blur: float = 0.0,
+        value_range=(0.0, 1.0),
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        for key, value in dict(
+            rotation=rotation, zoom=zoom, translation=translation, elastic=elastic, brightness=brightness,
+            contrast=contrast, gamma=gamma, noise=noise,
+        ).items():
+            if value < 0:
+                raise ValueError(f"augmentation {key} must be >= 0, got {value}.")
+        if not 0.0 <= blur <= 1.0:
+            raise ValueError(f"augmentation blur is a probability in [0, 1], got {blur}.")
+        self.settings = dict(
+            flip=flip, rotate90=rotate90, rotation=rotation, zoom=zoom, translation=translation,
+            elastic=elastic, brightness=brightness, contrast=contrast, gamma=gamma, noise=noise,
+            blur=blur, value_range=None if value_range is None else tuple(value_range), seed=seed,
+        )
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.geometric = []
+        fill = dict(fill_mode="reflect", interpolation="bilinear")
+        offset = 0 if seed is None else seed
+        if flip:
+            self.geometric.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=offset + 1))
+        if rotation:
+            self.geometric.append(keras.layers.RandomRotation(rotation, seed=offset + 2, **fill))
+        if zoom:
+            self.geometric.append(keras.layers.RandomZoom(zoom, seed=offset + 3, **fill))
+        if translation:
+            self.geometric.append(keras.layers.RandomTranslation(translation, translation, seed=offset + 4, **fill))
+
+    def build(self, images_shape=None, masks_shape=None):
+        self.built = True
+
+    def _uniform(self, batch, low, high):
+        return keras.random.uniform((batch, 1, 1, 1), low, high, seed=self.seed_generator)
+
+    def _rotate90(self, images, masks):
+        height, width = images.shape[1], images.shape[2]
+        if height is None or height != width:
+            raise ValueError(
+                f"rotate90 needs square images of a known size, got {height}x{width}; "
+                "set rotate90=False or crop/resize to a square."
+            )
+        k = ops.floor(self._uniform(ops.shape(images)[0], 0.0, 4.0))
+
+        def rotate(x):
+            candidates = [x]
+            for _ in range(3):
+                candidates.append(ops.flip(ops.transpose(candidates[-1], (0, 2, 1, 3)), axis=1))
+            out = candidates[0]
+            for turns in (1, 2, 3):
+                out = ops.where(ops.equal(k, turns), candidates[turns], out)
+            return out
+
+        return rotate(images), rotate(masks)
+
+    def _elastic(self, images, masks):
+        shape = ops.shape(images)
+        batch, height, width = shape[0], shape[1], shape[2]
+        coarse = keras.random.normal((batch, 6, 6, 2), seed=self.seed_generator)
+        field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * self.settings["elastic"]
+        rows = ops.cast(ops.arange(height), "float32")[None, :, None] + field[..., 0]
+        cols = ops.cast(ops.arange(width), "float32")[None, None, :] + field[..., 1]
+        return _sample(images, rows, cols, bilinear=True), _sample(masks, rows, cols, bilinear=False)
+
+    def _photometric(self, images):
+        s = self.settings
+        batch = ops.shape(images)[0]
+        if s["brightness"]:
+            images = images + self._uniform(batch, -s["brightness"], s["brightness"])
+        if s["contrast"]:
+            mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
+            images = (images - mean) * self._uniform(batch, 1 - s["contrast"], 1 + s["contrast"]) + mean
+        if s["gamma"]:
+            low, high = s["value_range"] or (0.0, 1.0)
+            unit = ops.clip((images - low) / (high - low), 0.0, 1.0)
+            images = unit ** ops.exp(self._uniform(batch, -s["gamma"], s["gamma"])) * (high - low) + low
+        if s["noise"]:
+            sigma = self._uniform(batch, 0.0, s["noise"])
+            images = images + sigma * keras.random.normal(ops.shape(images), seed=self.seed_generator)
+        if s["blur"]:
+            taps = ops.convert_to_tensor(_gaussian_taps(1.0), "float32")
+            channels = images.shape[-1]
+            vertical = ops.tile(ops.reshape(taps, (-1, 1, 1, 1)), (1, 1, channels, 1))
+            horizontal = ops.tile(ops.reshape(taps, (1, -1, 1, 1)), (1, 1, channels, 1))
+            blurred = ops.depthwise_conv(ops.depthwise_conv(images, vertical, padding="same"), horizontal, padding="same")
+            apply = self._uniform(batch, 0.0, 1.0) < s["blur"]
+            images = ops.where(apply, blurred, images)
+        if s["value_range"] is not None:
+            images = ops.clip(images, *s["value_range"])
+        return images
+
+    def call(self, images, masks, training=True):
+        if not training:
+            return images, masks
+        mask_dtype = masks.dtype
+        squeeze = len(masks.shape) == 3
+        images = ops.cast(images, "float32")
+        masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
+        if self.settings["rotate90"]:
+            images, masks = self._rotate90(images, masks)
+        for layer in self.geometric:
+            out = layer({"images": images, "segmentation_masks": masks}, training=True)
+            images, masks = out["images"], out["segmentation_masks"]
+        if self.settings["elastic"]:
+            images, masks = self._elastic(images, masks)
+        images = self._photometric(images)
+        masks = ops.round(masks)
+        masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
+        return images, masks
+
+    def compute_output_spec(self, images, masks, training=True):
+        return keras.KerasTensor(images.shape, "float32"), keras.KerasTensor(masks.shape, masks.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings}
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class AugmentedModel(keras.Model):
+    """Wrap a segmentation model so `fit` augments every batch inside the train step.
+
+    The augmentation then runs where the model runs (on the GPU when there is one), not
+    in the host input pipeline. Prediction and evaluation see the data unchanged. With
+    a deep-supervision model, give the dataset one mask per sample: it is augmented once
+    and fed to every head. Save `wrapper.model`, the plain model, for deployment.
+
+    Args:
+        model: keras.Model. The segmentation model.
+        augmenter: SegmentationAugmenter. The random transform.
+
+    Example:
+        >>> trainer = AugmentedModel(model, SegmentationAugmenter(rotation=0.05, seed=0))
+        >>> trainer.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss())
+        >>> trainer.fit(data.train, validation_data=data.val, epochs=10)
+    """
+
+    def __init__(self, model, augmenter, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.augmenter = augmenter
+        if hasattr(model, "output_names"):  # functional models: losses and metrics keyed per head
+            self.output_names = model.output_names
+
+    def call(self, inputs, training=False):
+        return self.model(inputs, training=training)
+
+    def _targets(self, masks):
+        heads = len(self.model.outputs)
+        return masks if heads == 1 else tuple(masks for _ in range(heads))
+
+    def train_step(self, data):
+        images, masks, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        images, masks = self.augmenter(images, masks, training=True)
+        return super().train_step((images, self._targets(masks), sample_weight))
+
+    def test_step(self, data):
+        images, masks, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        return super().test_step((images, self._targets(masks), sample_weight))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "model": keras.saving.serialize_keras_object(self.model),
+            "augmenter": keras.saving.serialize_keras_object(self.augmenter),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        config["augmenter"] = keras.saving.deserialize_keras_object(config["augmenter"])
+        return cls(**config)

@@ -1,0 +1,159 @@
+"""Matplotlib figures: samples with mask overlays, augmentation previews, statistics.
+
+Every function builds a `matplotlib.figure.Figure` without pyplot (safe on headless
+machines and in notebooks), returns it, and saves a PNG when `path` is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+# Overlay colours for class ids 1, 2, ... (0 is background and stays transparent).
+CLASS_COLORS = np.array(
+    [[1.0, 0.2, 0.2], [0.2, 0.8, 1.0], [1.0, 0.85, 0.1], [0.6, 1.0, 0.3], [0.9, 0.4, 1.0], [1.0, 0.6, 0.2]]
+)
+
+
+def _as_rgb(image) -> np.ndarray:
+    image = np.asarray(image, np.float32)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:  # normalized input: stretch for display
+        image = (image - low) / max(high - low, 1e-6)
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+
+
+def overlay(image, mask, alpha: float = 0.45) -> np.ndarray:
+    """Blend a class-id mask over an image.
+
+    Args:
+        image: array [H, W] or [H, W, C]. Values in [0, 1] (others are stretched).
+        mask: array [H, W] or [H, W, 1]. Class ids; 0 is not drawn.
+        alpha: float. Opacity of the mask colours. Defaults to 0.45.
+
+    Returns:
+        ndarray: float RGB [H, W, 3] in [0, 1].
+
+    Example:
+        >>> rgb = overlay(image, mask)
+    """
+    rgb = _as_rgb(image)
+    mask = np.asarray(mask).astype(np.int64)
+    mask = mask[..., 0] if mask.ndim == 3 else mask
+    colors = CLASS_COLORS[(np.maximum(mask, 1) - 1) % len(CLASS_COLORS)]
+    weight = alpha * (mask > 0)[..., None]
+    return rgb * (1 - weight) + colors * weight
+
+
+def _save(fig: Figure, path) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def _grid(rows: int, cols: int, cell: float = 2.0) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(cols * cell, rows * cell))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def plot_samples(dataset, num: int = 8, path=None, title: str | None = None) -> Figure:
+    """Show `num` samples of a dataset: the image above, the mask overlay below.
+
+    Args:
+        dataset: iterable of (images, masks) batches, e.g. `data.train`.
+        num: int. Samples to show. Defaults to 8.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+        title: str or None. Figure title. Defaults to None.
+
+    Returns:
+        Figure: the matplotlib figure.
+
+    Example:
+        >>> plot_samples(unetpp_tf.data.synthetic(64).train, num=6, path="samples.png")
+    """
+    images, masks = [], []
+    for batch_images, batch_masks in dataset:
+        images.extend(np.asarray(batch_images))
+        masks.extend(np.asarray(batch_masks))
+        if len(images) >= num:
+            break
+    if not images:
+        raise ValueError("the dataset is empty: no sample to plot.")
+    num = min(num, len(images))
+    fig, axes = _grid(2, num)
+    for k in range(num):
+        axes[0, k].imshow(_as_rgb(images[k]))
+        axes[1, k].imshow(overlay(images[k], masks[k]))
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_augmentation(image, mask, augmenter, draws: int = 8, path=None) -> Figure:
+    """Preview augmentation: one sample, `draws` random draws, mask over image.
+
+    Args:
+        image: array [H, W, C]. One image.
+        mask: array [H, W, 1] or [H, W]. Its mask.
+        augmenter: callable. `augmenter(images, masks, training=True)`, e.g. a
+            `SegmentationAugmenter`.
+        draws: int. Number of random draws shown after the original. Defaults to 8.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+
+    Returns:
+        Figure: the original first, then the draws (top: image, bottom: overlay).
+
+    Example:
+        >>> plot_augmentation(image, mask, SegmentationAugmenter(rotation=0.1, seed=0))
+    """
+    image = np.asarray(image, np.float32)
+    mask = np.asarray(mask)
+    batch_images = np.repeat(image[None], draws, axis=0)
+    batch_masks = np.repeat(mask[None], draws, axis=0)
+    out_images, out_masks = augmenter(batch_images, batch_masks, training=True)
+    out_images, out_masks = np.asarray(out_images), np.asarray(out_masks)
+    fig, axes = _grid(2, draws + 1)
+    for k, (img, msk) in enumerate([(image, mask), *zip(out_images, out_masks)]):
+        axes[0, k].imshow(_as_rgb(img))
+        axes[1, k].imshow(overlay(img, msk))
+        axes[0, k].set_title("original" if k == 0 else f"draw {k}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_statistics(stats: dict, path=None) -> Figure:
+    """Draw the output of `dataset_statistics`: class pixel fractions and a summary.
+
+    Args:
+        stats: dict. From `unetpp_tf.data.dataset_statistics`.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+
+    Returns:
+        Figure: a bar chart of class pixel fractions beside the key numbers.
+
+    Example:
+        >>> plot_statistics(dataset_statistics(data.train), path="stats.png")
+    """
+    fig = Figure(figsize=(8, 3))
+    bars, text = fig.subplots(1, 2)
+    fractions = stats["class_pixel_fraction"]
+    bars.bar([str(c) for c in range(len(fractions))], fractions, color="tab:blue")
+    bars.set_xlabel("class id")
+    bars.set_ylabel("pixel fraction")
+    bars.set_ylim(0, 1)
+    text.set_axis_off()
+    sizes = ", ".join(f"{size} ({n})" for size, n in stats["image_sizes"].items())
+    lines = [
+        f"images: {stats['count']}",
+        f"sizes: {sizes}",
+        f"channels: {stats['channels']}",
+        f"empty masks: {stats['empty_mask_fraction']:.1%}",
+        f"intensity: {stats['intensity_mean']:.3f} +/- {stats['intensity_std']:.3f}",
+    ]
+    text.text(0.0, 0.5, "\n".join(lines), va="center", family="monospace", fontsize=9)
+    return _save(fig, path)
