@@ -31,3 +31,18 @@ def test_figures_return_and_save(tmp_path):
     assert len(fig.axes) == 2
     for name in ("samples.png", "aug.png", "stats.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_history_and_prediction_figures(tmp_path):
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "dice": [0.3, 0.7], "val_dice": [0.2, 0.6]}
+    fig = viz.plot_history(history, path=tmp_path / "curves.png")
+    loss_ax, score_ax = fig.axes
+    assert {line.get_label() for line in loss_ax.lines} == {"loss", "val_loss"}
+    assert {line.get_label() for line in score_ax.lines} == {"dice", "val_dice"}
+    images = np.random.default_rng(0).random((3, 8, 8, 1))
+    masks = (images > 0.5).astype(np.int32)
+    fig = viz.plot_predictions(images, masks, images, num=3, path=tmp_path / "pred.png")
+    assert len(fig.axes) == 9
+    # The prediction row shows the thresholded probabilities: here equal to the truth.
+    np.testing.assert_allclose(fig.axes[5].images[0].get_array(), fig.axes[8].images[0].get_array())
+    assert (tmp_path / "pred.png").stat().st_size > 0

@@ -15,7 +15,10 @@ from unetpp_tf._native_logs import native_stderr_silenced  # noqa: E402
 with native_stderr_silenced():
     import tensorflow  # noqa: F401  (its native start-up notices stay off the terminal)
 
-from unetpp_tf import data, losses, metrics  # noqa: E402
+from unetpp_tf import data, losses, metrics, viz  # noqa: E402
+from unetpp_tf.config import TrainConfig  # noqa: E402
+from unetpp_tf.evaluation import evaluate  # noqa: E402
+from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
 from unetpp_tf.models import (  # noqa: E402
     PRESETS,
     build_model,
@@ -25,19 +28,27 @@ from unetpp_tf.models import (  # noqa: E402
     inference_model,
     prune,
 )
+from unetpp_tf.training import train  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "TrainConfig",
     "__version__",
     "build_model",
     "build_unet",
     "build_unetpp",
     "data",
+    "evaluate",
     "from_preset",
     "inference_model",
+    "load_model",
     "losses",
     "metrics",
+    "predict",
+    "predict_files",
     "prune",
+    "train",
+    "viz",
 ]

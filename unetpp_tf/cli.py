@@ -1,15 +1,63 @@
 """The `unetpp-tf` command line: a thin front over the library.
 
-Each subcommand parses its flags, calls one library function and prints what it returns.
-Errors print one line on stderr and exit with status 2.
+Subcommands: train, evaluate, predict, export, summary. Each parses its flags, calls one
+library function and prints what it returns. Errors print one line on stderr and exit
+with status 2; nothing else in the package prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
+from pathlib import Path
 
 from unetpp_tf._native_logs import native_stderr_silenced
+from unetpp_tf.config import CHOICES, TrainConfig, load_config
+
+# Help for the train flags, generated from TrainConfig's fields (one flag per field).
+TRAIN_HELP = {
+    "name": "run name: the run directory is OUTPUT_DIR/NAME (default: ARCH-DATA, numbered if taken)",
+    "output_dir": "root of run directories",
+    "seed": "seed for data order, augmentation and initialization",
+    "data": "'synthetic' (built in), a folder with images/ and masks/, or tfds:NAME",
+    "images": "explicit image folder (with --masks)",
+    "masks": "explicit mask folder (with --images)",
+    "task": "synthetic data: binary nuclei or multiclass shapes",
+    "num_samples": "synthetic data: number of images",
+    "image_size": "HEIGHT [WIDTH] the images are resized to",
+    "crop_size": "HEIGHT [WIDTH] random training crops instead of resizing",
+    "channels": "force 1 (gray) or 3 (RGB) input channels",
+    "num_classes": "classes in the masks (1 = binary); inferred when omitted",
+    "batch_size": "images per step",
+    "split": "TRAIN VAL TEST fractions for a random split by file",
+    "augment": "where augmentation runs: in the train step on the device, in tf.data on the host, or not at all",
+    "augmentation": "augmentation settings as JSON, e.g. '{\"rotation\": 0.1, \"zoom\": 0.1}'",
+    "arch": "model architecture",
+    "preset": "start from a named model configuration ('paper')",
+    "depth": "number of poolings",
+    "filters": "base width (doubled per level) or DEPTH+1 widths",
+    "deep_supervision": "one head and one loss per decoder column (UNet++ only)",
+    "batch_norm": "BatchNormalization after each convolution",
+    "dropout": "dropout rate after each convolution",
+    "l2": "L2 weight decay on convolution kernels",
+    "upsampling": "decoder upsampling",
+    "loss": "auto = bce_dice for binary, ce_dice for multi-class",
+    "optimizer": "optimizer",
+    "learning_rate": "peak learning rate",
+    "weight_decay": "AdamW weight decay",
+    "schedule": "learning-rate schedule",
+    "warmup_epochs": "linear warm-up epochs of the cosine schedule",
+    "clipnorm": "clip each gradient to this norm",
+    "epochs": "training epochs",
+    "early_stopping": "stop after this many epochs without a better validation Dice (0 = never)",
+    "mixed_precision": "mixed precision (outputs and losses stay float32)",
+    "strategy": "tf.distribute strategy (mirrored = all local GPUs; multi-host is not offered)",
+    "export_saved_model": "export a SavedModel into the run",
+    "export_tflite": "export a float32 TFLite file into the run",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,49 +67,229 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=("unetpp", "unet"), default="unetpp", help="model architecture")
-    parser.add_argument("--preset", choices=("paper",), help="start from a named configuration")
-    parser.add_argument("--depth", type=int, help="number of poolings (default 4)")
-    parser.add_argument("--filters", type=int, nargs="+", help="base width, or depth+1 widths")
-    parser.add_argument("--deep-supervision", action="store_true", help="one head per decoder column")
-    parser.add_argument("--input-size", type=int, nargs="+", metavar="N", help="height [width]")
-    parser.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
-    parser.add_argument("--num-classes", type=int, default=1, help="1 = binary (sigmoid)")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _model_options(args) -> dict:
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults stay unset so a --config file can fill them."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        hint, name = hints[field.name], field.name
+        options = dict(dest=name, default=argparse.SUPPRESS, help=TRAIN_HELP[name])
+        if hint is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **options)
+        elif name in ("image_size", "crop_size", "filters"):
+            parser.add_argument(_flag(name), type=int, nargs="+", metavar="N", **options)
+        elif name == "split":
+            parser.add_argument(_flag(name), type=float, nargs=3, metavar="F", **options)
+        elif name == "augmentation":
+            parser.add_argument(_flag(name), type=json.loads, metavar="JSON", **options)
+        else:
+            kind = next((t for t in (int, float) if hint is t or t in typing.get_args(hint)), str)
+            parser.add_argument(_flag(name), type=kind, choices=CHOICES.get(name), **options)
+
+
+def _config_from_args(args) -> TrainConfig:
+    values = load_config(args.config) if args.config else {}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    for name in ("image_size", "crop_size"):
+        if name in given:
+            size = given[name]
+            given[name] = (size[0], size[-1])
+    if "filters" in given:
+        widths = given["filters"]
+        given["filters"] = widths[0] if len(widths) == 1 else tuple(widths)
+    return TrainConfig.from_dict({**values, **given}, source=str(args.config or "flags"))
+
+
+def _train(args) -> int:
+    from unetpp_tf.training import train
+
+    run, history = train(
+        _config_from_args(args), resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else "auto"
+    )
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("dice", "iou", "precision", "recall") if k in metrics)
+    print(f"run: {run}")
+    print(f"test: {scores}")
+    return 0
+
+
+def _run_config(model_path: str) -> dict:
+    """The config.json of the run a model file belongs to, or {}."""
+    path = Path(model_path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())
+    return {}
+
+
+def _model_file(model_path: str) -> str:
+    path = Path(model_path)
+    return str(path / "model.keras") if path.is_dir() and (path / "model.keras").exists() else model_path
+
+
+def _data_for(args, model_path: str):
+    """The data to evaluate on: flags if given, else the data of the model's run."""
+    from unetpp_tf.training import load_data
+
+    values = {k: v for k, v in _run_config(model_path).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    for name in ("data", "images", "masks", "seed", "batch_size", "num_samples", "task"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if args.image_size:
+        values["image_size"] = (args.image_size[0], args.image_size[-1])
+    values["augment"] = "none"
+    return load_data(TrainConfig.from_dict(values))
+
+
+def _evaluate(args) -> int:
+    from unetpp_tf.evaluation import evaluate, write_per_image_csv
+    from unetpp_tf.inference import load_model
+
+    paths = [_model_file(p) for p in args.model]
+    models = [load_model(p) for p in paths]
+    data = _data_for(args, args.model[0])
+    result = evaluate(models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold)
+    if args.csv:
+        write_per_image_csv(result["per_image"], args.csv)
+    metrics = result["metrics"]
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key in ("dice", "iou", "precision", "recall", "f1", "accuracy"):
+            print(f"{key:<10} {metrics[key]:.4f}")
+        print(f"{'images':<10} {metrics['images']}")
+    return 0
+
+
+def _predict(args) -> int:
+    from unetpp_tf.inference import load_model, predict_files
+
+    model_path = _model_file(args.model)
+    written = predict_files(
+        load_model(model_path), args.inputs, args.output, overlay=args.overlay, threshold=args.threshold,
+        tta=args.tta, tile_size=args.tile_size, overlap=args.overlap, mode=args.ds_mode, level=args.prune_level,
+    )
+    print(f"wrote {len(written)} mask(s) to {args.output}")
+    return 0
+
+
+def _export(args) -> int:
+    from unetpp_tf.export import export_model, format_report
+    from unetpp_tf.inference import load_model
+
+    model_path = _model_file(args.model)
+    formats = [name for name, wanted in (("saved_model", args.saved_model), ("tflite", args.tflite)) if wanted]
+    if not formats:
+        formats = ["saved_model", "tflite"]
+    run = _run_config(model_path)
+    size = args.image_size or run.get("crop_size") or run.get("image_size")
+    samples = None
+    if args.calibration_data:
+        args.data, args.images, args.masks = args.calibration_data, None, None
+    if args.calibration_data or run:
+        samples = _data_for(args, model_path).train.take(8)
+    elif "int8" in args.quantize or "tflite" in formats:
+        raise ValueError("export needs sample images for its parity check: pass --calibration-data DIR.")
+    report = export_model(
+        load_model(model_path), args.output, formats=formats, quantize=tuple(args.quantize),
+        image_size=None if size is None else (size[0], size[-1]), mode=args.ds_mode, level=args.prune_level,
+        calibration=samples, samples=samples,
+    )
+    print(format_report(report))
+    return 0
+
+
+def _summary(args) -> int:
+    from unetpp_tf.models import build_model, from_preset
+
     size = args.input_size or [None]
-    height, width = size[0], size[-1]
-    options = dict(input_shape=(height, width, args.channels), num_classes=args.num_classes)
+    options = dict(input_shape=(size[0], size[-1], args.channels), num_classes=args.num_classes)
     if args.depth is not None:
         options["depth"] = args.depth
     if args.filters:
         options["filters"] = args.filters[0] if len(args.filters) == 1 else tuple(args.filters)
     if args.deep_supervision:
         options["deep_supervision"] = True
-    return options
-
-
-def _summary(args) -> int:
-    from unetpp_tf.models import build_model, from_preset
-
-    options = _model_options(args)
-    if args.preset:
-        model = from_preset(args.preset, arch=args.arch, **options)
-    else:
-        model = build_model(args.arch, **options)
+    model = from_preset(args.preset, arch=args.arch, **options) if args.preset else build_model(args.arch, **options)
     model.summary(line_length=110, print_fn=lambda line, **_: print(line))
     print(f"{model.name}: {model.count_params():,} parameters, {len(model.outputs)} output(s)")
     return 0
+
+
+def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ds-mode", choices=("accurate", "fast"), default="accurate",
+                        help="deep supervision: mean of all heads, or one pruned head")
+    parser.add_argument("--prune-level", type=int, help="head kept by --ds-mode fast (default: the deepest)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="binary foreground threshold")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="synthetic, a folder, or tfds:NAME (default: the model's training data)")
+    parser.add_argument("--images", help="explicit image folder")
+    parser.add_argument("--masks", help="explicit mask folder")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="N", help="HEIGHT [WIDTH]")
+    parser.add_argument("--batch-size", type=int, help="images per batch")
+    parser.add_argument("--seed", type=int, help="split seed (default: the run's)")
+    parser.add_argument("--num-samples", type=int, help="synthetic data: number of images")
+    parser.add_argument("--task", choices=CHOICES["task"], help="synthetic data task")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `unetpp-tf` (all subcommands)."""
     parser = _Parser(prog="unetpp-tf", description="UNet++ image segmentation for Keras and TensorFlow.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a model and write a run directory")
+    train.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a model (or an ensemble) on a data split")
+    evaluate.add_argument("--model", required=True, nargs="+", help="model file(s) or run dir(s); several = ensemble")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--csv", help="write per-image metrics to this CSV file")
+    _add_data_flags(evaluate)
+    _add_inference_flags(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = sub.add_parser("predict", help="segment image files into mask PNGs")
+    predict.add_argument("--model", required=True, help="model file or run directory")
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("--output", required=True, help="folder for the masks")
+    predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    predict.add_argument("--tta", action="store_true", help="average over flips (4 passes)")
+    predict.add_argument("--tile-size", type=int, nargs="+", metavar="N", help="sliding-window size for large images")
+    predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction")
+    _add_inference_flags(predict)
+    predict.set_defaults(run=_predict)
+
+    export = sub.add_parser("export", help="export SavedModel / TFLite with a parity report")
+    export.add_argument("--model", required=True, help="model file or run directory")
+    export.add_argument("--output", required=True, help="folder for the artifacts")
+    export.add_argument("--saved-model", action="store_true", help="write a SavedModel (uint8 serving signature)")
+    export.add_argument("--tflite", action="store_true", help="write TFLite file(s)")
+    export.add_argument("--quantize", nargs="+", choices=("none", "float16", "dynamic", "int8"), default=["none"])
+    export.add_argument("--calibration-data", help="image/mask folder for int8 calibration and the parity check")
+    _add_data_flags(export)
+    _add_inference_flags(export)
+    export.set_defaults(run=_export)
+
     summary = sub.add_parser("summary", help="build a model and print its layers and parameter count")
-    _add_model_flags(summary)
+    summary.add_argument("--arch", choices=("unetpp", "unet"), default="unetpp", help="model architecture")
+    summary.add_argument("--preset", choices=("paper",), help="start from a named configuration")
+    summary.add_argument("--depth", type=int, help="number of poolings (default 4)")
+    summary.add_argument("--filters", type=int, nargs="+", help="base width, or depth+1 widths")
+    summary.add_argument("--deep-supervision", action="store_true", help="one head per decoder column")
+    summary.add_argument("--input-size", type=int, nargs="+", metavar="N", help="height [width]")
+    summary.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
+    summary.add_argument("--num-classes", type=int, default=1, help="1 = binary (sigmoid)")
     summary.set_defaults(run=_summary)
     return parser
 
@@ -72,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with native_stderr_silenced():
             return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
-        print(f"unetpp-tf: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("unetpp-tf: interrupted; continue a training run with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError, FloatingPointError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"unetpp-tf: error: {message}", file=sys.stderr)
         return 2

@@ -157,3 +157,65 @@ def plot_statistics(stats: dict, path=None) -> Figure:
     ]
     text.text(0.0, 0.5, "\n".join(lines), va="center", family="monospace", fontsize=9)
     return _save(fig, path)
+
+
+def plot_history(history: dict, path=None) -> Figure:
+    """Plot training curves: losses in one panel, Dice/IoU-like scores in another.
+
+    Args:
+        history: dict. {name: [value per epoch]}, e.g. `keras.callbacks.History.history`
+            or a run's history.csv read back.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+
+    Returns:
+        Figure: two panels sharing the epoch axis.
+
+    Example:
+        >>> plot_history(model.fit(...).history, path="curves.png")
+    """
+    fig = Figure(figsize=(10, 3.5))
+    loss_ax, score_ax = fig.subplots(1, 2)
+    for name, values in history.items():
+        if name in ("epoch", "learning_rate"):
+            continue
+        ax = loss_ax if "loss" in name else score_ax
+        ax.plot(range(1, len(values) + 1), values, label=name, linestyle="--" if name.startswith("val_") else "-")
+    for ax, label in ((loss_ax, "loss"), (score_ax, "score")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_predictions(images, masks, probabilities, num: int = 6, threshold: float = 0.5, path=None) -> Figure:
+    """Compare predictions with the truth: image, true overlay, predicted overlay per column.
+
+    Args:
+        images: array [N, H, W, C].
+        masks: array [N, H, W, 1] or [N, H, W]. True class ids.
+        probabilities: array [N, H, W, K]. Model output (sigmoid for K = 1, else softmax).
+        num: int. Columns to draw. Defaults to 6.
+        threshold: float. Foreground threshold for K = 1. Defaults to 0.5.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+
+    Returns:
+        Figure: three rows (image, truth, prediction).
+
+    Example:
+        >>> plot_predictions(x, y, model.predict(x), path="predictions.png")
+    """
+    images, probabilities = np.asarray(images), np.asarray(probabilities)
+    if probabilities.shape[-1] == 1:
+        labels = (probabilities[..., 0] >= threshold).astype(np.int64)
+    else:
+        labels = probabilities.argmax(-1)
+    num = min(num, len(images))
+    fig, axes = _grid(3, num)
+    for k in range(num):
+        axes[0, k].imshow(_as_rgb(images[k]))
+        axes[1, k].imshow(overlay(images[k], np.asarray(masks)[k]))
+        axes[2, k].imshow(overlay(images[k], labels[k]))
+    for row, label in enumerate(("image", "truth", "prediction")):
+        axes[row, 0].set_title(label, fontsize=8, loc="left")
+    return _save(fig, path)

@@ -11,7 +11,7 @@ Example:
 from unetpp_tf.data.arrays import from_arrays
 from unetpp_tf.data.augment import AugmentedModel, SegmentationAugmenter
 from unetpp_tf.data.folder import from_directory
-from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices
+from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices, targets_per_head
 from unetpp_tf.data.stats import dataset_statistics
 from unetpp_tf.data.synthetic import synthetic, synthetic_sample
 from unetpp_tf.data.tfds_source import from_tfds
@@ -29,4 +29,5 @@ __all__ = [
     "split_indices",
     "synthetic",
     "synthetic_sample",
+    "targets_per_head",
 ]

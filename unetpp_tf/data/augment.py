@@ -5,6 +5,12 @@ deformation) move image and mask with the same random parameters; masks are resa
 with nearest-neighbour interpolation only, so they keep integer class ids. Photometric
 transforms (brightness, contrast, gamma, noise, blur) touch the image alone.
 
+All geometric transforms are composed into one sampling map per image and applied in a
+single resampling pass (bilinear for images, nearest for masks, mirrored borders). Keras'
+RandomRotation/Zoom/Translation layers would do the same job with one interpolation
+each, and they switch XLA off for the whole train step; this composed version stays
+XLA-compatible and works on any backend (keras.ops only).
+
 The layer is used in one of two places:
 - on the device, inside the training step: `AugmentedModel(model, augmenter)` wraps a
   model so `fit` augments each batch where the model runs (the GPU when there is one);
@@ -25,8 +31,16 @@ def _gaussian_taps(sigma: float):
     return [t / sum(taps) for t in taps]
 
 
+def _reflect(coords, size):
+    """Mirror float pixel coordinates into [0, size - 1] (reflect padding)."""
+    last = ops.cast(size - 1, "float32")
+    period = 2.0 * ops.maximum(last, 1.0)
+    coords = ops.mod(ops.abs(coords), period)
+    return ops.where(coords > last, period - coords, coords)
+
+
 def _sample(x, rows, cols, *, bilinear: bool):
-    """Resample x [B, H, W, C] at float pixel positions rows/cols [B, H, W], edges clamped."""
+    """Resample x [B, H, W, C] at float pixel positions rows/cols [B, H, W] (in range)."""
     shape = ops.shape(x)
     batch, height, width = shape[0], shape[1], shape[2]
     flat = ops.reshape(x, (-1, x.shape[-1]))
@@ -110,19 +124,8 @@ class SegmentationAugmenter(keras.layers.Layer):
             elastic=elastic, brightness=brightness, contrast=contrast, gamma=gamma, noise=noise,
             blur=blur, value_range=None if value_range is None else tuple(value_range), seed=seed,
         )
-        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.geometric = []
-        fill = dict(fill_mode="reflect", interpolation="bilinear")
-        offset = 0 if seed is None else seed
-        if flip:
-            self.geometric.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=offset + 1))
-        if rotation:
-            self.geometric.append(keras.layers.RandomRotation(rotation, seed=offset + 2, **fill))
-        if zoom:
-            self.geometric.append(keras.layers.RandomZoom(zoom, seed=offset + 3, **fill))
-        if translation:
-            self.geometric.append(keras.layers.RandomTranslation(translation, translation, seed=offset + 4, **fill))
+        self.moves = flip or rotate90 or rotation or zoom or translation or elastic
 
     def build(self, images_shape=None, masks_shape=None):
         self.built = True
@@ -130,34 +133,44 @@ class SegmentationAugmenter(keras.layers.Layer):
     def _uniform(self, batch, low, high):
         return keras.random.uniform((batch, 1, 1, 1), low, high, seed=self.seed_generator)
 
-    def _rotate90(self, images, masks):
-        height, width = images.shape[1], images.shape[2]
-        if height is None or height != width:
-            raise ValueError(
-                f"rotate90 needs square images of a known size, got {height}x{width}; "
-                "set rotate90=False or crop/resize to a square."
-            )
-        k = ops.floor(self._uniform(ops.shape(images)[0], 0.0, 4.0))
-
-        def rotate(x):
-            candidates = [x]
-            for _ in range(3):
-                candidates.append(ops.flip(ops.transpose(candidates[-1], (0, 2, 1, 3)), axis=1))
-            out = candidates[0]
-            for turns in (1, 2, 3):
-                out = ops.where(ops.equal(k, turns), candidates[turns], out)
-            return out
-
-        return rotate(images), rotate(masks)
-
-    def _elastic(self, images, masks):
+    def _sampling_map(self, images):
+        """Source pixel positions (rows, cols) [B, H, W] for all geometric transforms at once."""
+        s = self.settings
         shape = ops.shape(images)
         batch, height, width = shape[0], shape[1], shape[2]
-        coarse = keras.random.normal((batch, 6, 6, 2), seed=self.seed_generator)
-        field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * self.settings["elastic"]
-        rows = ops.cast(ops.arange(height), "float32")[None, :, None] + field[..., 0]
-        cols = ops.cast(ops.arange(width), "float32")[None, None, :] + field[..., 1]
-        return _sample(images, rows, cols, bilinear=True), _sample(masks, rows, cols, bilinear=False)
+        if s["rotate90"] and (images.shape[1] is None or images.shape[1] != images.shape[2]):
+            raise ValueError(
+                f"rotate90 needs square images of a known size, got {images.shape[1]}x{images.shape[2]}; "
+                "set rotate90=False or crop/resize to a square."
+            )
+        center_y = ops.cast(height - 1, "float32") / 2.0
+        center_x = ops.cast(width - 1, "float32") / 2.0
+        y = ops.cast(ops.arange(height), "float32")[None, :, None] - center_y + ops.zeros((batch, 1, 1))
+        x = ops.cast(ops.arange(width), "float32")[None, None, :] - center_x + ops.zeros((batch, 1, 1))
+        if s["flip"]:
+            y = y * ops.where(self._uniform(batch, 0.0, 1.0)[..., 0] < 0.5, -1.0, 1.0)
+            x = x * ops.where(self._uniform(batch, 0.0, 1.0)[..., 0] < 0.5, -1.0, 1.0)
+        if s["rotate90"]:  # exact quarter turns: cos/sin from a table, not from pi/2
+            k = ops.cast(ops.floor(self._uniform(batch, 0.0, 4.0)[..., 0]), "int32")
+            cos = ops.take(ops.convert_to_tensor([1.0, 0.0, -1.0, 0.0]), k)
+            sin = ops.take(ops.convert_to_tensor([0.0, 1.0, 0.0, -1.0]), k)
+            y, x = cos * y - sin * x, sin * y + cos * x
+        if s["rotation"]:
+            angle = self._uniform(batch, -2 * math.pi * s["rotation"], 2 * math.pi * s["rotation"])[..., 0]
+            cos, sin = ops.cos(angle), ops.sin(angle)
+            y, x = cos * y - sin * x, sin * y + cos * x
+        if s["zoom"]:
+            scale = self._uniform(batch, 1.0 - s["zoom"], 1.0 + s["zoom"])[..., 0]
+            y, x = y / scale, x / scale
+        rows, cols = y + center_y, x + center_x
+        if s["translation"]:
+            rows = rows - self._uniform(batch, -s["translation"], s["translation"])[..., 0] * ops.cast(height, "float32")
+            cols = cols - self._uniform(batch, -s["translation"], s["translation"])[..., 0] * ops.cast(width, "float32")
+        if s["elastic"]:
+            coarse = keras.random.normal((batch, 6, 6, 2), seed=self.seed_generator)
+            field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * s["elastic"]
+            rows, cols = rows + field[..., 0], cols + field[..., 1]
+        return _reflect(rows, height), _reflect(cols, width)
 
     def _photometric(self, images):
         s = self.settings
@@ -193,15 +206,11 @@ class SegmentationAugmenter(keras.layers.Layer):
         squeeze = len(masks.shape) == 3
         images = ops.cast(images, "float32")
         masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
-        if self.settings["rotate90"]:
-            images, masks = self._rotate90(images, masks)
-        for layer in self.geometric:
-            out = layer({"images": images, "segmentation_masks": masks}, training=True)
-            images, masks = out["images"], out["segmentation_masks"]
-        if self.settings["elastic"]:
-            images, masks = self._elastic(images, masks)
+        if self.moves:
+            rows, cols = self._sampling_map(images)
+            images = _sample(images, rows, cols, bilinear=True)
+            masks = _sample(masks, rows, cols, bilinear=False)
         images = self._photometric(images)
-        masks = ops.round(masks)
         masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
         return images, masks
 
@@ -218,7 +227,8 @@ class AugmentedModel(keras.Model):
 
     The augmentation then runs where the model runs (on the GPU when there is one), not
     in the host input pipeline. Prediction and evaluation see the data unchanged. With
-    a deep-supervision model, give the dataset one mask per sample: it is augmented once
+    a deep-supervision model the dataset may give one mask per sample or one per head
+    (`targets_per_head`, needed under a distribution strategy); the mask is augmented once
     and fed to every head. Save `wrapper.model`, the plain model, for deployment.
 
     Args:
@@ -237,16 +247,21 @@ class AugmentedModel(keras.Model):
         self.augmenter = augmenter
         if hasattr(model, "output_names"):  # functional models: losses and metrics keyed per head
             self.output_names = model.output_names
+        self.built = model.built  # the weights are the wrapped model's
 
     def call(self, inputs, training=False):
         return self.model(inputs, training=training)
 
     def _targets(self, masks):
+        if isinstance(masks, (tuple, list)):  # already one copy per head (targets_per_head)
+            masks = masks[0]
         heads = len(self.model.outputs)
         return masks if heads == 1 else tuple(masks for _ in range(heads))
 
     def train_step(self, data):
         images, masks, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(masks, (tuple, list)):  # one copy per head (targets_per_head): augment one
+            masks = masks[0]
         images, masks = self.augmenter(images, masks, training=True)
         return super().train_step((images, self._targets(masks), sample_weight))
 

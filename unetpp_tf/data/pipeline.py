@@ -139,3 +139,26 @@ def finalize(
     if augment is not None:
         batches = batches.map(lambda x, y: augment(x, y, training=True), num_parallel_calls=AUTOTUNE)
     return batches.prefetch(AUTOTUNE)
+
+
+def targets_per_head(dataset: tf.data.Dataset, model_or_heads) -> tf.data.Dataset:
+    """Repeat each mask once per model output, for plain `model.fit` with deep supervision.
+
+    Keras needs one target per output; the masks are repeated as a tuple (never a list,
+    which tf.data would stack into one tensor). `AugmentedModel` does this by itself.
+
+    Args:
+        dataset: tf.data.Dataset. Batches of (images, masks).
+        model_or_heads: keras.Model or int. The model (its number of outputs is used) or
+            the number of heads.
+
+    Returns:
+        tf.data.Dataset: batches of (images, (masks, masks, ...)); unchanged for one output.
+
+    Example:
+        >>> model.fit(targets_per_head(data.train, model), validation_data=targets_per_head(data.val, model))
+    """
+    heads = model_or_heads if isinstance(model_or_heads, int) else len(model_or_heads.outputs)
+    if heads == 1:
+        return dataset
+    return dataset.map(lambda images, masks: (images, tuple(masks for _ in range(heads))))

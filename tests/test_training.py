@@ -1,0 +1,196 @@
+"""Training runs: config round trip, run directory, resume after a kill, NaN stop, strategies."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import unetpp_tf
+from unetpp_tf.config import TrainConfig, load_config
+from unetpp_tf.training import TrainingDiverged, train
+
+TINY = dict(num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, export_saved_model=False, export_tflite=False)
+
+
+def _history_epochs(run):
+    with open(run / "history.csv", newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def test_config_round_trip_json_and_yaml(tmp_path):
+    config = TrainConfig(name="x", filters=(4, 8, 16), image_size=(64, 48), augmentation={"rotation": 0.1})
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    (tmp_path / "c.json").write_text(json.dumps(config.to_dict()))
+    assert TrainConfig.from_dict(load_config(tmp_path / "c.json")) == config
+    (tmp_path / "c.yaml").write_text("epochs: 3\nfilters: [4, 8, 16]\nloss: dice\n")
+    loaded = TrainConfig.from_dict(load_config(tmp_path / "c.yaml"))
+    assert loaded.epochs == 3 and loaded.filters == (4, 8, 16) and loaded.loss == "dice"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optimiser": "adam"}, r"unknown key\(s\) \['optimiser'\]"),
+        ({"loss": "l1"}, "loss must be one of auto, dice, bce_dice"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"strategy": "multiworker"}, "strategy must be one of"),
+    ],
+)
+def test_bad_config(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        load_config(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{epochs: 3")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_train_writes_a_complete_run(tmp_path):
+    run, history = train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=2), verbose=0)
+    assert run == tmp_path / "run"
+    for name in ("config.json", "model.keras", "history.csv", "metrics.json", "figures/curves.png", "figures/predictions.png"):
+        assert (run / name).is_file(), name
+    assert not (run / "backup").exists()  # removed once the run finished
+    assert len(history["loss"]) == 2 and "val_output_2_dice" in history
+    record = json.loads((run / "metrics.json").read_text())
+    assert set(record["test"]) >= {"dice", "iou", "precision", "recall", "f1", "accuracy"}
+    assert record["counts"] == {"train": 28, "val": 6, "test": 6}
+    # The saved model is the best epoch's: its validation Dice is the best in the history.
+    assert record["best_val_dice"] == pytest.approx(max(history["val_output_2_dice"]), abs=1e-6)
+    assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).epochs == 2
+    # An existing run is never silently overwritten.
+    with pytest.raises(FileExistsError, match="already exists; pass --resume"):
+        train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=1), verbose=0)
+    with pytest.raises(ValueError, match="already finished"):
+        train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=2), resume=True, verbose=0)
+
+
+def test_unnamed_runs_get_fresh_directories(tmp_path):
+    first, _ = train(dict(TINY, output_dir=str(tmp_path), epochs=1), verbose=0)
+    second, _ = train(dict(TINY, output_dir=str(tmp_path), epochs=1), verbose=0)
+    assert (first.name, second.name) == ("unetpp-synthetic", "unetpp-synthetic-2")
+
+
+def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
+    command = [
+        sys.executable, "-m", "unetpp_tf", "train", "--quiet", "--output-dir", str(tmp_path), "--name", "r",
+        "--num-samples", "64", "--image-size", "32", "--depth", "2", "--filters", "4", "--batch-size", "4",
+        "--epochs", "6", "--no-export-saved-model", "--no-export-tflite",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = tmp_path / "r" / "history.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if history.exists() and len(_history_epochs(tmp_path / "r")) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = _history_epochs(tmp_path / "r")
+    assert 2 <= len(done) < 6, "the run should be killed mid-way"
+    assert (tmp_path / "r" / "backup").exists()
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    epochs = _history_epochs(tmp_path / "r")
+    # Every epoch appears, the finished ones were not trained again (at most one repeated
+    # when the kill fell between logging an epoch and backing it up).
+    assert sorted(set(epochs)) == list(range(6))
+    assert len(epochs) - 6 <= 1
+    assert (tmp_path / "r" / "metrics.json").exists() and not (tmp_path / "r" / "backup").exists()
+
+
+class _Diverge(keras.callbacks.Callback):
+    """Make the weights blow up at the start of epoch 2, as a diverging run does."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            kernel = self.model.get_layer("x_0_0_conv1").kernel
+            kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+
+def test_nan_loss_stops_and_keeps_last_good_model(tmp_path):
+    config = dict(TINY, output_dir=str(tmp_path), name="nan", epochs=4, augment="none")
+    with pytest.raises(TrainingDiverged, match=r"loss became NaN at epoch 2, batch \d+.*last good model is"):
+        train(config, callbacks=[_Diverge()], verbose=0)
+    model = keras.models.load_model(tmp_path / "nan" / "model.keras")
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert _history_epochs(tmp_path / "nan")[0] == 0
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import json, unetpp_tf
+        from unetpp_tf.training import make_strategy
+        assert make_strategy("mirrored").num_replicas_in_sync == 2
+        run, history = unetpp_tf.train(dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored"), verbose=0)
+        print(json.dumps(history["loss"]))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (tmp_path / "m" / "metrics.json").exists()
+
+
+def test_plain_keras_fit_with_our_data_losses_and_metrics():
+    data = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8)
+    model = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, deep_supervision=True)
+    model.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss(), metrics={"output_2": [unetpp_tf.metrics.Dice()]})
+    history = model.fit(
+        unetpp_tf.data.targets_per_head(data.train, model),
+        validation_data=unetpp_tf.data.targets_per_head(data.val, model),
+        epochs=1,
+        verbose=0,
+    ).history
+    assert {"output_1_loss", "output_2_loss", "output_2_dice", "val_output_2_dice"} <= set(history)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    from unetpp_tf.cli import main
+
+    args = ["--output-dir", str(tmp_path), "--name", "e2e", "--num-samples", "40", "--image-size", "32", "--depth", "2",
+            "--filters", "4", "--epochs", "1", "--batch-size", "8", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
+    assert main(["train", *args]) == 0
+    assert "test: dice" in capsys.readouterr().out
+    run = tmp_path / "e2e"
+    assert main(["evaluate", "--model", str(run), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recorded = json.loads((run / "metrics.json").read_text())["test"]
+    assert set(metrics) >= {"dice", "iou", "precision", "recall", "f1", "accuracy"}
+    assert metrics["dice"] == pytest.approx(recorded["dice"], abs=1e-5)  # same split, same model
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    image = (unetpp_tf.data.synthetic_sample(0, image_size=(48, 40))[0].numpy()[..., 0] * 255).astype(np.uint8)
+    Image.fromarray(image).save(images / "cell.png")
+    out = tmp_path / "masks"
+    assert main(["predict", "--model", str(run / "model.keras"), str(images), "--output", str(out), "--overlay"]) == 0
+    mask = np.asarray(Image.open(out / "cell.png"))
+    assert mask.shape == (48, 40) and set(np.unique(mask)) <= {0, 255}
+    assert (out / "cell_overlay.png").exists()
+    # Bad input: one line on stderr, non-zero exit, nothing written.
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "nope.keras"), str(images), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.keras does not exist" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["train", *args]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,504 @@
+"""Prediction: load a model, run it on arrays or image files, tile large images, flip TTA.
+
+`predict` takes float32 images in [0, 1] of any size. A model with a fixed input size (or any
+model when `tile_size` is given) runs on overlapping windows that are blended with a smooth
+weight; a None x None model runs on the whole image, reflection-padded up to a multiple of its
+downsampling factor and cropped back. Windows go through the model `batch_size` at a time and
+are accumulated into one canvas per image, so memory stays bounded for very large images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from unetpp_tf import losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
+from unetpp_tf.data.decode import IMAGE_EXTENSIONS, check_size, pil_image_array
+from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
+
+DEFAULT_TILE = 256
+_WEIGHT_FLOOR = 1e-2  # window borders still count, so every pixel has a positive weight
+_FLIPS = ((), (1,), (2,), (1, 2))  # identity, vertical, horizontal, both (axes of [N, H, W, C])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_keras(path: Path) -> keras.Model:
+    return keras.models.load_model(path, compile=False)
+
+
+# One loader per model format, keyed by file suffix; a new format is one more entry.
+_LOADERS = {".keras": _load_keras}
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Load a saved model for inference (unetpp_tf losses, metrics and layers are registered).
+
+    Args:
+        path: str or Path. A `.keras` file.
+
+    Returns:
+        keras.Model: the model, uncompiled.
+
+    Example:
+        >>> model = load_model("saved_models/run1/model.keras")
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist; check the path.")
+    loader = _LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise ValueError(
+            f"{path} is not a Keras model (.keras): unsupported suffix {path.suffix or '(none)'!r}; "
+            f"pass a file ending in {', '.join(_LOADERS)}."
+        )
+    try:
+        return loader(path)
+    except Exception as error:  # noqa: BLE001  (keras raises many types for a bad file)
+        raise ValueError(f"{path} is not a Keras model (.keras): {error}") from error
+
+
+def _resolve(model) -> keras.Model:
+    return load_model(model) if isinstance(model, (str, os.PathLike)) else model
+
+
+def as_single_output(model: keras.Model, mode: str = "accurate", level: int | None = None) -> keras.Model:
+    """Return a one-output model: deep-supervision models go through `inference_model`.
+
+    Args:
+        model: keras.Model. Any segmentation model; several outputs mean deep supervision.
+        mode: str. "accurate" (mean of the heads) or "fast" (one pruned head) for
+            deep-supervision models. Defaults to "accurate".
+        level: int or None. Head kept in "fast" mode; None is the deepest. Defaults to None.
+
+    Returns:
+        keras.Model: `model` itself when it has one output, else the inference model.
+
+    Example:
+        >>> fast = as_single_output(build_unetpp((32, 32, 1), depth=2, deep_supervision=True), "fast", 1)
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}.")
+    if len(model.outputs) > 1:
+        return inference_model(model, mode, level)
+    if level is not None:
+        raise ValueError(
+            f"level={level} selects a deep-supervision head, but model {model.name!r} has a single "
+            "output and no deep-supervision heads to prune; leave level unset."
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------- model geometry
+
+
+def _layer_scale(layer) -> float:
+    """How much a layer shrinks the resolution: 2 for a stride-2 pool/conv, 1/2 for an upsampling."""
+    if isinstance(layer, keras.layers.UpSampling2D):
+        return 1.0 / max(layer.size)
+    strides = getattr(layer, "strides", None)
+    if not strides:
+        return 1.0
+    factor = float(max(strides) if isinstance(strides, (tuple, list)) else strides)
+    return 1.0 / factor if isinstance(layer, keras.layers.Conv2DTranspose) else factor
+
+
+def _graph_scale(outputs) -> tuple[float, float]:
+    """(downsampling of `outputs`, deepest downsampling on the way) for a functional graph."""
+    memo = {}
+
+    def walk(tensor):
+        if id(tensor) not in memo:
+            op, node_index, _ = tensor._keras_history
+            parents = [walk(t) for t in op._inbound_nodes[node_index].input_tensors]
+            scale = max((p[0] for p in parents), default=1.0)
+            deepest = max((p[1] for p in parents), default=1.0)
+            if isinstance(op, keras.Model) and op.outputs:
+                inner_scale, inner_deepest = _graph_scale(op.outputs)
+                deepest = max(deepest, scale * inner_deepest)
+                scale *= inner_scale
+            else:
+                scale *= _layer_scale(op)
+            memo[id(tensor)] = (scale, max(deepest, scale))
+        return memo[id(tensor)]
+
+    results = [walk(t) for t in outputs]
+    return max(r[0] for r in results), max(r[1] for r in results)
+
+
+def size_divisor(model: keras.Model) -> int:
+    """The factor a None x None model needs input height and width to be divisible by.
+
+    It is the deepest downsampling along the graph (2**depth for a UNet++: one 2x2 pooling per
+    level), found by walking the layers' strides, pool sizes and upsamplings.
+
+    Args:
+        model: keras.Model. A functional model.
+
+    Returns:
+        int: e.g. 4 for a depth-2 UNet++, 1 for a model without downsampling.
+
+    Example:
+        >>> size_divisor(build_unetpp((None, None, 1), depth=3))
+        8
+    """
+    return max(1, int(round(_graph_scale(model.outputs)[1])))
+
+
+def _input_geometry(model: keras.Model) -> tuple[tuple, int | None]:
+    if len(model.inputs) != 1:
+        raise ValueError(f"model {model.name!r} has {len(model.inputs)} inputs; predict needs one image input.")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4:
+        raise ValueError(f"model {model.name!r} takes inputs of shape {shape}; predict needs (batch, H, W, C).")
+    return shape[1:3], shape[3]
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def _forward(model: keras.Model, batch: np.ndarray, tta: bool) -> np.ndarray:
+    """Probabilities for a batch (compiled predict step); with `tta` the mean of the four flips, each flipped back."""
+    total = 0.0
+    for axes in _FLIPS if tta else ((),):
+        flipped = np.ascontiguousarray(np.flip(batch, axes))
+        total = total + np.flip(np.asarray(model.predict_on_batch(flipped)), axes)
+    return np.asarray(total / (len(_FLIPS) if tta else 1), np.float32)
+
+
+def _pad_to(images: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, int]:
+    """Reflection-pad [N, h, w, C] to [N, height, width, C], centred; return it and the offsets."""
+    dh, dw = height - images.shape[1], width - images.shape[2]
+    top, left = dh // 2, dw // 2
+    padded = np.pad(images, ((0, 0), (top, dh - top), (left, dw - left), (0, 0)), mode="reflect")
+    return padded, top, left
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _predict_direct(model, images, divisor, tta):
+    height, width = images.shape[1:3]
+    padded, top, left = _pad_to(images, _round_up(height, divisor), _round_up(width, divisor))
+    return _forward(model, padded, tta)[:, top : top + height, left : left + width]
+
+
+def _window_weight(height: int, width: int) -> np.ndarray:
+    """2-D Hann weight (peak 1 in the centre) with a floor, shape [height, width, 1]."""
+    rows, cols = (np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2 for n in (height, width))
+    return np.maximum(np.outer(rows, cols), _WEIGHT_FLOOR)[..., None].astype(np.float32)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    return [*range(0, size - tile, stride), size - tile]
+
+
+def _predict_tiled(model, image, tile, overlap, batch_size, tta, classes):
+    """Blend overlapping windows of one image [H, W, C] into probabilities [H, W, K]."""
+    height, width = image.shape[:2]
+    strides = [max(1, int(round(t * (1.0 - overlap)))) for t in tile]
+    margins = [(t - s) // 2 for t, s in zip(tile, strides)]
+    size = [max(n + 2 * m, t) for n, m, t in zip((height, width), margins, tile)]
+    padded, top, left = _pad_to(image[None], *size)
+    canvas = np.zeros((*size, classes), np.float32)
+    norm = np.zeros((*size, 1), np.float32)
+    weight = _window_weight(*tile)
+    corners = list(itertools.product(*(_starts(n, t, s) for n, t, s in zip(size, tile, strides))))
+    for start in range(0, len(corners), batch_size):
+        chunk = corners[start : start + batch_size]
+        windows = np.stack([padded[0, y : y + tile[0], x : x + tile[1]] for y, x in chunk])
+        for (y, x), probs in zip(chunk, _forward(model, windows, tta)):
+            canvas[y : y + tile[0], x : x + tile[1]] += probs * weight
+            norm[y : y + tile[0], x : x + tile[1]] += weight
+    return (canvas / norm)[top : top + height, left : left + width]
+
+
+def _tile_shape(tile_size, fixed, divisor, image_hw) -> tuple[int, int] | None:
+    """Window (height, width) for tiled prediction, or None to run on whole images."""
+    if isinstance(tile_size, (list, tuple)) and len(tile_size) == 1:  # e.g. a CLI "--tile-size 96"
+        tile_size = tile_size[0]
+    tile = check_size(tile_size, "tile_size")
+    if tile is None:
+        if all(f is None or f == n for f, n in zip(fixed, image_hw)):
+            return None
+        return tuple(_round_up(DEFAULT_TILE, divisor) if f is None else f for f in fixed)
+    for label, t, f in zip(("height", "width"), tile, fixed):
+        if f is not None and t != f:
+            raise ValueError(
+                f"tile_size {label} {t} differs from the model's fixed input {label} {f}; "
+                f"pass tile_size={tuple(n if n is not None else t for n, t in zip(fixed, tile))} or leave it unset."
+            )
+        if f is None and t % divisor:
+            raise ValueError(
+                f"tile_size {label} {t} is not divisible by {divisor} (the model's downsampling); "
+                f"pass {_round_up(t, divisor)}."
+            )
+    return tile
+
+
+def predict(
+    model: keras.Model,
+    images,
+    *,
+    batch_size: int = 8,
+    tile_size=None,
+    overlap: float = 0.25,
+    tta: bool = False,
+    mode: str = "accurate",
+    level: int | None = None,
+) -> np.ndarray:
+    """Predict per-pixel probabilities for images of any size.
+
+    Images that match a fixed model input, or any size for a None x None model, run whole
+    (None x None: reflection-padded to a multiple of `size_divisor(model)`, cropped back).
+    With `tile_size`, or when a fixed-size model meets a different image size, the image is
+    reflection-padded and cut into overlapping windows whose predictions are blended with a
+    2-D Hann weight and normalized by the summed weights.
+
+    Args:
+        model: keras.Model or str. A model (deep-supervision models are made single-output
+            with `mode`/`level`) or a path for `load_model`.
+        images: array or tensor. float32 [N, H, W, C] in the model's input scaling ([0, 1]).
+        batch_size: int. Images (or windows) per forward pass. Defaults to 8.
+        tile_size: int, tuple or None. (height, width) of the windows; None tiles only when
+            the model has a fixed input size that differs from the images, using that size
+            (256 on free axes). Defaults to None.
+        overlap: float. Fraction of a window shared with its neighbour, in [0, 1).
+            Defaults to 0.25.
+        tta: bool. Average over identity, horizontal, vertical and both flips (4 passes).
+            Defaults to False.
+        mode: str. "accurate" or "fast" for deep-supervision models. Defaults to "accurate".
+        level: int or None. Head for "fast" mode. Defaults to None.
+
+    Returns:
+        np.ndarray: float32 probabilities [N, H, W, K], K = the model's output channels.
+
+    Example:
+        >>> probs = predict(model, images, tile_size=96, overlap=0.5, tta=True)
+    """
+    model = as_single_output(_resolve(model), mode, level)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}; 0.25 is a good default.")
+    images = np.asarray(keras.ops.convert_to_numpy(images), np.float32)
+    fixed, channels = _input_geometry(model)
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must have shape [N, H, W, C], got {images.shape}; for one image pass image[None]."
+        )
+    if channels is not None and images.shape[-1] != channels:
+        raise ValueError(f"images have {images.shape[-1]} channel(s) but model {model.name!r} expects {channels}.")
+    divisor = size_divisor(model)
+    classes = model.outputs[0].shape[-1]
+    tile = _tile_shape(tile_size, fixed, divisor, images.shape[1:3])
+    out = np.empty((*images.shape[:3], classes), np.float32)
+    for start in range(0, len(images), 1 if tile else batch_size):
+        if tile:
+            out[start] = _predict_tiled(model, images[start], tile, overlap, batch_size, tta, classes)
+        else:
+            out[start : start + batch_size] = _predict_direct(model, images[start : start + batch_size], divisor, tta)
+    return out
+
+
+def labels_from_probabilities(probs, threshold: float = 0.5) -> np.ndarray:
+    """Turn probabilities into class ids: threshold one sigmoid channel, argmax for softmax.
+
+    Args:
+        probs: array. [N, H, W, K] probabilities.
+        threshold: float. Binary only: foreground where p >= threshold. Defaults to 0.5.
+
+    Returns:
+        np.ndarray: uint8 [N, H, W] class ids ({0, 1} for binary).
+
+    Example:
+        >>> labels_from_probabilities(np.array([[[[0.2], [0.7]]]]))
+        array([[[0, 1]]], dtype=uint8)
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 4:
+        raise ValueError(f"probs must have shape [N, H, W, K], got {probs.shape}.")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
+    if probs.shape[-1] == 1:
+        return (probs[..., 0] >= threshold).astype(np.uint8)
+    if probs.shape[-1] > 256:
+        raise ValueError(f"{probs.shape[-1]} classes do not fit in uint8 class ids (at most 256).")
+    return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def staged_writes(directory: str | os.PathLike):
+    """Write files under temporary names in `directory`; move them all into place on success.
+
+    Yields `stage(final_path, write)`, where `write(temp_path)` writes the file. If the block
+    raises, every staged file is removed and no final path is touched.
+
+    Args:
+        directory: str or Path. Folder of the final files (temporary files go there too, so
+            `os.replace` is atomic).
+
+    Example:
+        >>> with staged_writes("out") as stage:
+        ...     stage("out/a.txt", lambda tmp: Path(tmp).write_text("a"))
+    """
+    staged = []
+
+    def stage(final, write):
+        handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{Path(final).name}.", suffix=".tmp")
+        os.close(handle)
+        staged.append((temp, final))
+        write(temp)
+
+    try:
+        yield stage
+    except BaseException:
+        for temp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
+        raise
+    for temp, final in staged:
+        os.replace(temp, final)
+
+
+def _image_files(inputs) -> list[Path]:
+    """Expand files and folders into image files; every problem raises before anything is read."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise FileNotFoundError(f"input {item} does not exist; check the path.")
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            files.extend(found)
+        elif item.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(item)
+        else:
+            raise ValueError(f"input {item} is not an image file; use one of {', '.join(IMAGE_EXTENSIONS)}.")
+    if not files:
+        raise ValueError("inputs is empty; pass image files or folders.")
+    return files
+
+
+def _check_image(path: Path, channels: int) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            found = 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;") else 3
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot read image {path} ({error}); replace or remove it.") from error
+    if channels not in (1, 3):
+        raise ValueError(
+            f"image {path} has {found} channel(s) but the model expects {channels}; image files are "
+            f"read as 1 (gray) or 3 (RGB) channels, so pass arrays [N, H, W, {channels}] to predict()."
+        )
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return pil_image_array(image, channels)
+
+
+def _write_png(array: np.ndarray):
+    from PIL import Image
+
+    return lambda temp: Image.fromarray(array).save(temp, format="PNG")
+
+
+def predict_files(
+    model: keras.Model,
+    inputs,
+    output_dir: str | os.PathLike,
+    *,
+    overlay: bool = False,
+    image_size=None,
+    channels: int | None = None,
+    threshold: float = 0.5,
+    **predict_kwargs,
+) -> list[Path]:
+    """Segment image files and write one mask PNG per image, named after it.
+
+    Each image (PNG, JPEG, BMP, TIFF; gray or RGB, converted to the model's channels) is
+    scaled to [0, 1] and predicted at its own size with `predict` (tiled when larger than a
+    fixed model input). Masks are written as `<stem>.png`: 0/255 for binary models, class ids
+    for multi-class ones. Every input is checked before anything is written, and the files are
+    staged under temporary names and moved into place only when all images succeeded.
+
+    Args:
+        model: keras.Model or str. The model or a path for `load_model`.
+        inputs: list of str or Path. Image files and/or folders (their images, sorted).
+        output_dir: str or Path. Where the masks go; created if needed.
+        overlay: bool. Also write `<stem>_overlay.png` (mask drawn over the image).
+            Defaults to False.
+        image_size: int, tuple or None. Resize each image to (height, width) for the model and
+            the probabilities back to the image size; None predicts at the image's own size.
+            Defaults to None.
+        channels: int or None. Channels to read the images with; None uses the model's input
+            channels, which it must match when given. Defaults to None.
+        threshold: float. Binary foreground threshold. Defaults to 0.5.
+        **predict_kwargs: passed to `predict` (batch_size, tile_size, overlap, tta, mode, level).
+
+    Returns:
+        list of Path: the mask files written, in input order.
+
+    Example:
+        >>> predict_files("model.keras", ["scans/"], "masks/", overlay=True, tta=True)
+    """
+    model = as_single_output(_resolve(model), predict_kwargs.pop("mode", "accurate"), predict_kwargs.pop("level", None))
+    _, model_channels = _input_geometry(model)
+    if channels is not None and model_channels is not None and channels != model_channels:
+        raise ValueError(f"channels={channels} but model {model.name!r} expects {model_channels} input channels.")
+    channels = channels or model_channels
+    if channels is None:
+        raise ValueError(f"model {model.name!r} does not fix its input channels; pass channels=1 or 3.")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
+    image_size = check_size(image_size, "image_size")
+    files = _image_files(inputs)
+    output_dir = Path(output_dir)
+    names = {}
+    for path in files:
+        for name in [f"{path.stem}.png"] + ([f"{path.stem}_overlay.png"] if overlay else []):
+            if name in names:
+                raise ValueError(f"{path} and {names[name]} would both be written as {output_dir / name}; rename one.")
+            names[name] = path
+        _check_image(path, channels)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overlay:
+        from unetpp_tf.viz import overlay as draw_overlay
+    written = []
+    with staged_writes(output_dir) as stage:
+        for path in files:
+            image = _read_image(path, channels)
+            resized = image if image_size is None else tf.image.resize(image, image_size, antialias=True).numpy()
+            probs = predict(model, resized[None], **predict_kwargs)
+            if image_size is not None:
+                probs = tf.image.resize(probs, image.shape[:2]).numpy()
+            labels = labels_from_probabilities(probs, threshold)[0]
+            mask_path = output_dir / f"{path.stem}.png"
+            stage(mask_path, _write_png(labels * np.uint8(255) if probs.shape[-1] == 1 else labels))
+            if overlay:
+                rgb = np.clip(np.round(draw_overlay(image, labels) * 255.0), 0, 255).astype(np.uint8)
+                stage(output_dir / f"{path.stem}_overlay.png", _write_png(rgb))
+            written.append(mask_path)
+    return written
