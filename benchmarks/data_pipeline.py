@@ -4,7 +4,8 @@ Writes 512 synthetic PNG pairs at 256x256 to a temporary folder, then measures i
 1. images/s that `from_directory` delivers (decode, resize to 96x96, batch 16), without
    cache, with and without host-side augmentation;
 2. images/s that training the paper-width UNet++ consumes at 96x96, batch 16;
-3. the training step time with and without on-device augmentation (`AugmentedModel`).
+3. the training step time with and without on-device augmentation (`AugmentedModel`),
+   timed in alternating rounds so that load from other processes hits both alike.
 It prints the figures and the ratios the targets are stated in.
 
 Usage:
@@ -49,13 +50,19 @@ def pipeline_rate(root: Path, augment, epochs: int = 2) -> float:
     return count / (time.perf_counter() - start)
 
 
-def step_time(model, images, masks, steps: int) -> float:
-    model.train_on_batch(images, masks)  # trace and warm up
-    model.train_on_batch(images, masks)
-    start = time.perf_counter()
-    for _ in range(steps):
+def step_times(models, images, masks, steps: int, rounds: int = 5) -> list[float]:
+    """Median seconds per train step of each model, timed in alternating rounds (fair under noise)."""
+    for model in models:  # trace and warm up
         model.train_on_batch(images, masks)
-    return (time.perf_counter() - start) / steps
+        model.train_on_batch(images, masks)
+    samples = [[] for _ in models]
+    for _ in range(rounds):
+        for model, times in zip(models, samples):
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(images, masks)
+            times.append((time.perf_counter() - start) / steps)
+    return [float(np.median(times)) for times in samples]
 
 
 def compiled(model):
@@ -65,11 +72,11 @@ def compiled(model):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 pairs, 16 filters, 3 steps")
+    parser.add_argument("--quick", action="store_true", help="64 pairs, 16 filters, 2 steps per round")
     parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="train steps per timed round (5 rounds)")
     args = parser.parse_args()
-    pairs, steps, filters = (64, 3, 16) if args.quick else (args.pairs, args.steps, 32)
+    pairs, steps, filters = (64, 2, 16) if args.quick else (args.pairs, args.steps, 32)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -83,9 +90,8 @@ def main() -> None:
     widths = tuple(filters * 2**i for i in range(5))
     keras.utils.set_random_seed(0)
     model = unetpp_tf.from_preset("paper", input_shape=(96, 96, 1), filters=widths, deep_supervision=False)
-    plain = step_time(compiled(model), images, masks, steps)
     wrapper = compiled(AugmentedModel(model, SegmentationAugmenter(**AUGMENTATION, seed=0)))
-    augmented = step_time(wrapper, images, masks, steps)
+    plain, augmented = step_times([compiled(model), wrapper], images, masks, steps)
     train_rate = 16 / plain
 
     print(f"input pipeline, 256x256 PNG -> 96x96, batch 16, no cache ({pairs} pairs)")

@@ -145,11 +145,13 @@ def test_load_model_round_trip_and_errors(tmp_path, rng):
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         inference.load_model(tmp_path / "missing.keras")
     (tmp_path / "notes.keras").write_text("not a zip")
-    with pytest.raises(ValueError, match=r"notes.keras is not a Keras model \(.keras\)"):
+    with pytest.raises(ValueError, match=r"notes.keras is not a readable model"):
         inference.load_model(tmp_path / "notes.keras")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="notes.txt is not a Keras model"):
+    with pytest.raises(ValueError, match="notes.txt is not a model: pass a .keras file, a .tflite file or a SavedModel"):
         inference.load_model(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is not a model"):
+        inference.load_model(tmp_path)  # a folder without saved_model.pb
 
 
 # ----------------------------------------------------------------------------- files

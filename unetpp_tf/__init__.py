@@ -15,7 +15,7 @@ from unetpp_tf._native_logs import native_stderr_silenced  # noqa: E402
 with native_stderr_silenced():
     import tensorflow  # noqa: F401  (its native start-up notices stay off the terminal)
 
-from unetpp_tf import data, losses, metrics, viz  # noqa: E402
+from unetpp_tf import data, export, losses, metrics, viz  # noqa: E402
 from unetpp_tf.config import TrainConfig  # noqa: E402
 from unetpp_tf.evaluation import evaluate  # noqa: E402
 from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
@@ -41,6 +41,7 @@ __all__ = [
     "build_unetpp",
     "data",
     "evaluate",
+    "export",
     "from_preset",
     "inference_model",
     "load_model",

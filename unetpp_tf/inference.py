@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from unetpp_tf import losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
 from unetpp_tf.data.decode import IMAGE_EXTENSIONS, check_size, pil_image_array
+from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
 
 DEFAULT_TILE = 256
@@ -35,18 +36,32 @@ def _load_keras(path: Path) -> keras.Model:
     return keras.models.load_model(path, compile=False)
 
 
-# One loader per model format, keyed by file suffix; a new format is one more entry.
-_LOADERS = {".keras": _load_keras}
+def _load_tflite(path: Path):
+    from unetpp_tf.export import TFLiteModel  # deferred: pulls in LiteRT
+
+    return TFLiteModel(path)
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
+def _load_saved_model(path: Path):
+    from unetpp_tf.export import SavedModelRunner  # deferred: export builds on this module's peers
+
+    return SavedModelRunner(path)
+
+
+# One loader per model format, keyed by file suffix (or "saved_model" for such a directory).
+_LOADERS = {".keras": _load_keras, ".tflite": _load_tflite, "saved_model": _load_saved_model}
+
+
+def load_model(path: str | os.PathLike):
     """Load a saved model for inference (unetpp_tf losses, metrics and layers are registered).
 
     Args:
-        path: str or Path. A `.keras` file.
+        path: str or Path. A `.keras` file, a `.tflite` file or a SavedModel directory
+            (as written by `unetpp_tf.export.export_model`).
 
     Returns:
-        keras.Model: the model, uncompiled.
+        keras.Model, or a `TFLiteModel` / `SavedModelRunner` with the same `predict`
+        interface.
 
     Example:
         >>> model = load_model("saved_models/run1/model.keras")
@@ -54,16 +69,16 @@ def load_model(path: str | os.PathLike) -> keras.Model:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist; check the path.")
-    loader = _LOADERS.get(path.suffix.lower())
+    kind = "saved_model" if (path / "saved_model.pb").is_file() else path.suffix.lower() if path.is_file() else None
+    loader = _LOADERS.get(kind)
     if loader is None:
         raise ValueError(
-            f"{path} is not a Keras model (.keras): unsupported suffix {path.suffix or '(none)'!r}; "
-            f"pass a file ending in {', '.join(_LOADERS)}."
+            f"{path} is not a model: pass a .keras file, a .tflite file or a SavedModel directory."
         )
     try:
         return loader(path)
-    except Exception as error:  # noqa: BLE001  (keras raises many types for a bad file)
-        raise ValueError(f"{path} is not a Keras model (.keras): {error}") from error
+    except Exception as error:  # noqa: BLE001  (each format raises its own types for a bad file)
+        raise ValueError(f"{path} is not a readable model: {error}") from error
 
 
 def _resolve(model) -> keras.Model:
@@ -98,59 +113,6 @@ def as_single_output(model: keras.Model, mode: str = "accurate", level: int | No
 
 
 # ----------------------------------------------------------------------------- model geometry
-
-
-def _layer_scale(layer) -> float:
-    """How much a layer shrinks the resolution: 2 for a stride-2 pool/conv, 1/2 for an upsampling."""
-    if isinstance(layer, keras.layers.UpSampling2D):
-        return 1.0 / max(layer.size)
-    strides = getattr(layer, "strides", None)
-    if not strides:
-        return 1.0
-    factor = float(max(strides) if isinstance(strides, (tuple, list)) else strides)
-    return 1.0 / factor if isinstance(layer, keras.layers.Conv2DTranspose) else factor
-
-
-def _graph_scale(outputs) -> tuple[float, float]:
-    """(downsampling of `outputs`, deepest downsampling on the way) for a functional graph."""
-    memo = {}
-
-    def walk(tensor):
-        if id(tensor) not in memo:
-            op, node_index, _ = tensor._keras_history
-            parents = [walk(t) for t in op._inbound_nodes[node_index].input_tensors]
-            scale = max((p[0] for p in parents), default=1.0)
-            deepest = max((p[1] for p in parents), default=1.0)
-            if isinstance(op, keras.Model) and op.outputs:
-                inner_scale, inner_deepest = _graph_scale(op.outputs)
-                deepest = max(deepest, scale * inner_deepest)
-                scale *= inner_scale
-            else:
-                scale *= _layer_scale(op)
-            memo[id(tensor)] = (scale, max(deepest, scale))
-        return memo[id(tensor)]
-
-    results = [walk(t) for t in outputs]
-    return max(r[0] for r in results), max(r[1] for r in results)
-
-
-def size_divisor(model: keras.Model) -> int:
-    """The factor a None x None model needs input height and width to be divisible by.
-
-    It is the deepest downsampling along the graph (2**depth for a UNet++: one 2x2 pooling per
-    level), found by walking the layers' strides, pool sizes and upsamplings.
-
-    Args:
-        model: keras.Model. A functional model.
-
-    Returns:
-        int: e.g. 4 for a depth-2 UNet++, 1 for a model without downsampling.
-
-    Example:
-        >>> size_divisor(build_unetpp((None, None, 1), depth=3))
-        8
-    """
-    return max(1, int(round(_graph_scale(model.outputs)[1])))
 
 
 def _input_geometry(model: keras.Model) -> tuple[tuple, int | None]:
@@ -300,7 +262,7 @@ def predict(
         )
     if channels is not None and images.shape[-1] != channels:
         raise ValueError(f"images have {images.shape[-1]} channel(s) but model {model.name!r} expects {channels}.")
-    divisor = size_divisor(model)
+    divisor = size_divisor(model) if isinstance(model, keras.Model) else (model.size_divisor or 1)
     classes = model.outputs[0].shape[-1]
     tile = _tile_shape(tile_size, fixed, divisor, images.shape[1:3])
     out = np.empty((*images.shape[:3], classes), np.float32)

@@ -1,5 +1,6 @@
 """UNet++ and U-Net builders, presets and inference-time pruning."""
 
+from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
@@ -13,10 +14,12 @@ __all__ = [
     "build_unet",
     "build_unetpp",
     "conv_block",
+    "count_flops",
     "from_preset",
     "inference_model",
     "prune",
     "segmentation_head",
+    "size_divisor",
     "supervision_heads",
     "upsample",
 ]

@@ -1,0 +1,168 @@
+"""UNet++ training and prediction throughput against the CPU's measured ceiling.
+
+For the paper-width UNet++ (filters 32..512, 9.04M parameters), with and without
+BatchNorm, at 96x96 batch 16 and 256x256 batch 4, in float32 and mixed bfloat16, this
+prints one table: training and prediction images/s, FLOPs per image counted from the graph,
+the effective GFLOP/s (training = 3x forward) and its fraction of a ceiling measured in the
+same run (a large matmul), and the peak resident memory of each configuration. Each
+configuration runs in its own process so its peak memory is its own.
+
+Usage:
+    python benchmarks/model_throughput.py                   # the full table (~10 min)
+    python benchmarks/model_throughput.py --quick           # 16 filters, fewer steps
+    python benchmarks/model_throughput.py --only 96 --precision float32 --jit both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = [  # (size, batch)
+    (96, 16),
+    (256, 4),
+]
+
+
+def ceiling(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a large matmul in `dtype`, the practical peak of this CPU."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size), dtype="float32")
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=False)
+    matmul(a).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times)) / 1e9
+
+
+def measure(spec: dict) -> dict:
+    """Run one configuration in this process and return its figures."""
+    import keras
+
+    import unetpp_tf
+    from unetpp_tf.models.flops import count_flops
+
+    if spec["precision"] == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    size, batch, filters = spec["size"], spec["batch"], spec["filters"]
+    widths = tuple(filters * 2**i for i in range(5))
+    model = unetpp_tf.from_preset(
+        "paper", input_shape=(size, size, 1), filters=widths, batch_norm=spec["batch_norm"],
+        dropout=0.0 if spec["batch_norm"] else 0.5, **({"remat": True} if spec["remat"] else {}),
+    )
+    model.compile(
+        keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=spec["jit"]
+    )
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, size, size, 1), dtype=np.float32)
+    masks = (images > 0.5).astype(np.int32)
+
+    def timed(fn, steps):
+        fn()
+        fn()  # trace, compile, warm up
+        samples = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    train = timed(lambda: model.train_on_batch(images, masks), spec["steps"])
+    predict = timed(lambda: model.predict_on_batch(images), spec["steps"])
+    flops = count_flops(model)
+    return {
+        **spec,
+        "params": model.count_params(),
+        "gflops_per_image": flops / 1e9,
+        "train_images_s": batch / train,
+        "predict_images_s": batch / predict,
+        "train_gflops_s": 3 * flops * batch / train / 1e9,
+        "predict_gflops_s": flops * batch / predict / 1e9,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
+
+
+def run_isolated(spec: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 filters and 3 steps: a smoke run")
+    parser.add_argument("--only", type=int, choices=[size for size, _ in CONFIGS], help="one input size")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
+    parser.add_argument("--batch-norm", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--jit", choices=("on", "off", "both"), default="on", help="XLA compilation")
+    parser.add_argument("--remat", action="store_true", help="also measure the recomputation option")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(measure(json.loads(args.single))))
+        return
+
+    filters, steps = (16, 3) if args.quick else (32, args.steps)
+    precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
+    norms = [False, True] if args.batch_norm == "both" else [args.batch_norm == "on"]
+    jits = [True, False] if args.jit == "both" else [args.jit == "on"]
+    remats = [False, True] if args.remat else [False]
+    import tensorflow as tf  # noqa: F401  (after the subprocess branch: children import it themselves)
+
+    peaks = {p: ceiling(p) for p in precisions}
+    rows = []
+    for size, batch in CONFIGS:
+        if args.only and size != args.only:
+            continue
+        for precision in precisions:
+            for batch_norm in norms:
+                for jit in jits:
+                    for remat in remats:
+                        spec = dict(size=size, batch=batch, filters=filters, precision=precision,
+                                    batch_norm=batch_norm, jit=jit, remat=remat, steps=steps)
+                        rows.append(run_isolated(spec))
+
+    print(f"ceiling (2048^3 matmul): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
+    print(f"model: UNet++ filters {tuple(filters * 2**i for i in range(5))}, {rows[0]['params']:,} params (no BN)\n")
+    header = (f"{'size':>7} {'batch':>5} {'dtype':>8} {'BN':>3} {'XLA':>3} {'remat':>5} {'GFLOP/img':>9} "
+              f"{'train img/s':>11} {'train %':>7} {'pred img/s':>10} {'pred %':>6} {'peak GB':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peak = peaks[r["precision"]]
+        print(f"{r['size']:>4}^2 {r['batch']:>5} {r['precision'][:8]:>8} {'on' if r['batch_norm'] else 'off':>3} "
+              f"{'on' if r['jit'] else 'off':>3} {'on' if r['remat'] else 'off':>5} {r['gflops_per_image']:>9.2f} "
+              f"{r['train_images_s']:>11.2f} {100 * r['train_gflops_s'] / peak:>6.0f}% "
+              f"{r['predict_images_s']:>10.2f} {100 * r['predict_gflops_s'] / peak:>5.0f}% {r['peak_rss_gb']:>7.2f}")
+    by_key = {(r["size"], r["precision"], r["batch_norm"], r["jit"], r["remat"]): r for r in rows}
+    print()
+    for (size, precision, bn, jit, remat), r in by_key.items():
+        if precision == "bfloat16" and (size, "float32", bn, jit, remat) in by_key:
+            base = by_key[(size, "float32", bn, jit, remat)]
+            print(f"bf16 / fp32 training speed-up at {size}^2, BN {'on' if bn else 'off'}: "
+                  f"{r['train_images_s'] / base['train_images_s']:.2f}x (target >= 1.5x)")
+        if remat and (size, precision, bn, jit, False) in by_key:
+            base = by_key[(size, precision, bn, jit, False)]
+            print(f"remat peak memory at {size}^2 {precision}: {r['peak_rss_gb']:.2f} GB vs {base['peak_rss_gb']:.2f} GB "
+                  f"({100 * (1 - r['peak_rss_gb'] / base['peak_rss_gb']):.0f}% lower), "
+                  f"speed {r['train_images_s'] / base['train_images_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Export: SavedModel and TFLite artifacts, parity with Keras, atomic writes, runners."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import unetpp_tf
+from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model, format_report
+
+ALL_QUANT = ("none", "float16", "dynamic", "int8")
+
+
+def _listing(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else None
+
+
+@pytest.fixture(scope="module")
+def data():
+    return unetpp_tf.data.synthetic(96, image_size=(32, 32), batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """A tiny deep-supervision UNet++ trained long enough to predict both classes."""
+    keras.utils.set_random_seed(0)
+    model = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, deep_supervision=True)
+    heads = len(model.outputs)
+    model.compile(keras.optimizers.Adam(1e-2), loss=[unetpp_tf.losses.BCEDiceLoss()] * heads)
+    model.fit(data.train.map(lambda x, y: (x, (y,) * heads)), epochs=5, shuffle=False, verbose=0)
+    images = np.concatenate([x for x, _ in data.test.as_numpy_iterator()])
+    foreground = (unetpp_tf.inference_model(model).predict(images, verbose=0) >= 0.5).mean()
+    assert 0.1 < foreground < 0.9, f"the fixture model predicts {foreground:.0%} foreground"
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_images(data):
+    return np.concatenate([x for x, _ in data.test.as_numpy_iterator()])
+
+
+@pytest.fixture(scope="module")
+def reference(trained, test_images):
+    return unetpp_tf.inference_model(trained).predict(test_images, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def full_export(trained, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "full"
+    report = export_model(
+        trained, out, formats=("saved_model", "tflite", "keras"), quantize=ALL_QUANT,
+        calibration=data.val, samples=data.test,
+    )
+    return out, report
+
+
+def _label_agreement(a, b):
+    return float(((a >= 0.5) == (b >= 0.5)).mean())
+
+
+def test_every_format_passes_parity(full_export):
+    out, report = full_export
+    by_name = {a["name"]: a for a in report["artifacts"]}
+    assert set(by_name) == {
+        "saved_model", "model_float32", "model_float16", "model_dynamic", "model_int8", "model_inference"
+    }
+    assert report["image_size"] == [32, 32] and report["mode"] == "accurate" and report["level"] is None
+    assert report["parity_images"] > 0
+    for artifact in report["artifacts"]:
+        assert os.path.exists(artifact["path"]) and artifact["size_bytes"] > 0
+        assert artifact["dice_agreement"] >= artifact["threshold"]
+        assert artifact["latency_ms"] > 0
+    assert by_name["model_float32"]["max_abs_diff"] < 1e-4
+    assert by_name["saved_model"]["max_abs_diff"] < 1e-4
+    assert by_name["model_float16"]["dice_agreement"] >= 0.99
+    assert by_name["model_int8"]["dice_agreement"] >= 0.97
+    assert by_name["model_int8"]["size_bytes"] < by_name["model_float32"]["size_bytes"]
+    assert by_name["model_float16"]["size_bytes"] < by_name["model_float32"]["size_bytes"]
+    assert json.loads((out / "export_report.json").read_text()) == report
+    assert sorted(os.listdir(out)) == sorted(
+        ["export_report.json", "saved_model", "model_inference.keras"]
+        + [f"model_{q}.tflite" for q in ("float32", "float16", "dynamic", "int8")]
+    )
+    table = format_report(report)
+    assert "model_int8" in table and "saved_model" in table and "0.99" in table
+
+
+def test_saved_model_runs_without_unetpp_tf(full_export, reference, test_images, tmp_path):
+    out, _ = full_export
+    pixels = np.round(test_images[:4] * 255).astype(np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import tensorflow as tf
+        loaded = tf.saved_model.load({str(out / "saved_model")!r})
+        serve = loaded.signatures["serving_default"]
+        result = serve(images=tf.constant(np.load({str(tmp_path / "pixels.npy")!r})))
+        assert "unetpp_tf" not in sys.modules
+        np.savez({str(tmp_path / "result.npz")!r}, keys=sorted(result),
+                 probabilities=result["probabilities"].numpy(), labels=result["labels"].numpy())
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = np.load(tmp_path / "result.npz")
+    assert list(result["keys"]) == ["labels", "probabilities"]
+    assert result["probabilities"].shape == (4, 32, 32, 1) and result["probabilities"].dtype == np.float32
+    assert result["labels"].shape == (4, 32, 32) and result["labels"].dtype == np.uint8
+    model = keras.saving.load_model(out / "model_inference.keras")
+    expected = model.predict(pixels.astype(np.float32) / 255.0, verbose=0)
+    np.testing.assert_allclose(result["probabilities"], expected, atol=1e-4)
+    np.testing.assert_array_equal(result["labels"], (result["probabilities"][..., 0] >= 0.5).astype(np.uint8))
+
+
+def test_saved_model_runner_matches_keras(full_export, reference, test_images):
+    runner = SavedModelRunner(full_export[0] / "saved_model")
+    assert runner.input_shape == (None, 32, 32, 1) and runner.num_classes == 1
+    assert runner.size_divisor == 4 and runner.metadata["mode"] == "accurate"  # depth 2
+    assert tuple(runner.inputs[0].shape) == (None, 32, 32, 1) and len(runner.outputs) == 1
+    np.testing.assert_allclose(runner(test_images), reference, atol=1e-4)
+    np.testing.assert_allclose(runner.predict(test_images[:3], batch_size=2), reference[:3], atol=1e-4)
+
+
+@pytest.mark.parametrize("name, agreement", [("model_float32", 0.999), ("model_int8", 0.97)])
+def test_tflite_model_matches_keras(full_export, reference, test_images, data, name, agreement):
+    lite = TFLiteModel(full_export[0] / f"{name}.tflite")
+    probabilities = lite(test_images)
+    assert probabilities.shape == reference.shape and probabilities.dtype == np.float32
+    assert lite.input_shape == (None, 32, 32, 1) and lite.num_classes == 1
+    assert tuple(lite.outputs[0].shape) == (None, 32, 32, 1) and lite.name == name
+    np.testing.assert_array_equal(lite.predict_on_batch(test_images[:2]), probabilities[:2])
+    assert _label_agreement(probabilities, reference) >= agreement
+    np.testing.assert_allclose(lite.predict(data.test), probabilities, atol=1e-6)  # a dataset works too
+    if name == "model_int8":
+        assert lite.input_dtype == np.uint8
+        scale, zero_point = lite.input_quantization
+        assert scale == pytest.approx(1 / 255) and zero_point == 0  # raw 8-bit pixels go in
+    else:
+        assert lite.input_dtype == np.float32 and lite.input_quantization is None
+        np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="resize"):
+        lite(np.zeros((1, 16, 16, 1), np.float32))
+
+
+def test_pruned_export(trained, data, full_export, test_images, tmp_path):
+    report = export_model(trained, tmp_path, mode="fast", level=1, quantize=("none", "int8"),
+                          calibration=data.val, samples=data.test)
+    by_name = {a["name"]: a for a in report["artifacts"]}
+    assert set(by_name) == {"saved_model_L1", "model_L1_float32", "model_L1_int8"}
+    assert report["level"] == 1 and report["mode"] == "fast"
+    full = {a["name"]: a for a in full_export[1]["artifacts"]}
+    assert by_name["model_L1_float32"]["size_bytes"] < full["model_float32"]["size_bytes"]
+    expected = unetpp_tf.prune(trained, 1).predict(test_images, verbose=0)
+    np.testing.assert_allclose(TFLiteModel(tmp_path / "model_L1_float32.tflite")(test_images), expected, atol=1e-4)
+    runner = SavedModelRunner(tmp_path / "saved_model_L1")
+    np.testing.assert_allclose(runner(test_images), expected, atol=1e-4)
+    assert runner.metadata["level"] == 1 and runner.size_divisor == 2  # L1 pools once
+
+
+def test_failed_parity_leaves_nothing_behind(trained, data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "model_float32.tflite").write_bytes(b"an older export")
+    before, parent_before = _listing(out), _listing(tmp_path)
+    with pytest.raises(ValueError, match="parity") as info:
+        export_model(trained, out, quantize="none", samples=data.test, thresholds={"none": 1.01})
+    assert "model_float32" in str(info.value) and "1.01" in str(info.value)
+    assert _listing(out) == before and _listing(tmp_path) == parent_before
+    assert (out / "model_float32.tflite").read_bytes() == b"an older export"
+    assert (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="parity"):  # a new directory is not even created
+        export_model(trained, tmp_path / "new", formats="saved_model", samples=data.test,
+                     thresholds={"saved_model": 1.01})
+    assert _listing(tmp_path) == parent_before
+
+
+def test_unwritable_output_is_a_clear_error(trained, data, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    before = _listing(tmp_path)
+    with pytest.raises((ValueError, PermissionError), match="file.txt"):
+        export_model(trained, blocker / "export", samples=data.test)
+    with pytest.raises((ValueError, PermissionError), match="file.txt"):
+        export_model(trained, blocker, samples=data.test)
+    assert _listing(tmp_path) == before and blocker.read_text() == "x"
+
+
+def test_argument_errors(trained, data, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        export_model(trained, tmp_path / "a", quantize="int8", samples=data.test)
+    with pytest.raises(ValueError, match="samples="):
+        export_model(trained, tmp_path / "b")
+    with pytest.raises(ValueError, match="unknown quantize"):
+        export_model(trained, tmp_path / "c", quantize="int4", samples=data.test)
+    with pytest.raises(ValueError, match="does not match the model's fixed input"):
+        export_model(trained, tmp_path / "d", image_size=(64, 64), samples=data.test)
+    dynamic = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, deep_supervision=True)
+    with pytest.raises(ValueError, match="image_size=\\(height, width\\)"):
+        export_model(dynamic, tmp_path / "e", samples=data.test)
+    assert _listing(tmp_path) == []
+
+
+def test_dynamic_model_keeps_dynamic_saved_model(trained, data, test_images, reference, tmp_path):
+    dynamic = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, deep_supervision=True)
+    dynamic.set_weights(trained.get_weights())
+    report = export_model(dynamic, tmp_path, image_size=(32, 32), samples=data.test)
+    assert report["image_size"] == [32, 32]
+    runner = SavedModelRunner(tmp_path / "saved_model")
+    assert runner.input_shape == (None, None, None, 1)
+    assert runner(np.zeros((2, 64, 48, 1), np.float32)).shape == (2, 64, 48, 1)
+    lite = TFLiteModel(tmp_path / "model_float32.tflite")
+    assert lite.input_shape == (None, 32, 32, 1)
+    np.testing.assert_allclose(lite(test_images), reference, atol=1e-4)
+
+
+def test_multiclass_labels_are_argmax(tmp_path, rng):
+    keras.utils.set_random_seed(2)
+    model = unetpp_tf.build_unetpp((16, 16, 3), num_classes=3, depth=2, filters=4)
+    images = rng.random((3, 16, 16, 3), dtype=np.float32)
+    report = export_model(model, tmp_path, formats="saved_model", samples=[images])
+    assert report["num_classes"] == 3
+    serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+    result = serve(images=tf.constant((images * 255).astype(np.uint8)))
+    assert result["probabilities"].shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(result["labels"].numpy(), np.argmax(result["probabilities"].numpy(), -1))
+
+
+def test_flex_op_is_refused_with_its_name(tmp_path, rng):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Lambda(lambda t: tf.math.cumprod(0.5 + 0.5 * t, axis=1))(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
+    with pytest.raises(ValueError, match="Cumprod.*allow_flex"):
+        export_model(model, tmp_path / "out", formats="tflite", samples=[rng.random((2, 8, 8, 1), dtype=np.float32)])
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_tflite_model_falls_back_to_tf_lite_with_a_warning(full_export, reference, test_images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)  # as if not installed
+    with pytest.warns(UserWarning, match="pip install ai-edge-litert"):
+        lite = TFLiteModel(full_export[0] / "model_float32.tflite")
+    np.testing.assert_allclose(lite(test_images[:2]), reference[:2], atol=1e-4)
