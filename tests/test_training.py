@@ -186,6 +186,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     mask = np.asarray(Image.open(out / "cell.png"))
     assert mask.shape == (48, 40) and set(np.unique(mask)) <= {0, 255}
     assert (out / "cell_overlay.png").exists()
+    exported = tmp_path / "exported"
+    assert main(["export", "--model", str(run), "--tflite", "--saved-model", "--output", str(exported)]) == 0
+    table = capsys.readouterr().out
+    assert "model_float32" in table and "saved_model" in table
+    tflite_out = tmp_path / "tflite_masks"
+    assert main(["predict", "--model", str(exported / "model_float32.tflite"), str(images), "--output", str(tflite_out)]) == 0
+    keras_tiled = tmp_path / "keras_tiled"  # the 32x32 TFLite file tiles; so must Keras to compare
+    assert main(["predict", "--model", str(run), str(images), "--output", str(keras_tiled), "--tile-size", "32"]) == 0
+    tiled = np.asarray(Image.open(keras_tiled / "cell.png"))
+    assert np.mean(np.asarray(Image.open(tflite_out / "cell.png")) == tiled) > 0.99
     # Bad input: one line on stderr, non-zero exit, nothing written.
     capsys.readouterr()
     assert main(["predict", "--model", str(tmp_path / "nope.keras"), str(images), "--output", str(tmp_path / "x")]) == 2

@@ -892,10 +892,9 @@ def export_model(
             if a["dice_agreement"] is not None and a["dice_agreement"] < a["threshold"]
         ]
         if failed:
-            lines = [
-                f"  {a['name']}: Dice agreement {a['dice_agreement']:.4f} < {a['threshold']}"
-                for a in failed
-            ]
+            summary = "; ".join(
+                f"{a['name']}: Dice agreement {a['dice_agreement']:.4f} < {a['threshold']}" for a in failed
+            )
             suggested = {}
             for a in failed:
                 key = a["quantize"] if a["format"] == "tflite" else a["format"]
@@ -907,8 +906,8 @@ def export_model(
                 hint = ("Quantization lost too much: give int8 more representative calibration "
                         "images (calibration=data.val) or use quantize='float16'. ")
             raise ValueError(
-                "export failed its parity check; nothing was written to "
-                f"{output_dir}:\n" + "\n".join(lines) + "\n\n" + format_report(report) + "\n"
+                f"export failed its parity check ({summary}); nothing was written to {output_dir}.\n\n"
+                + format_report(report) + "\n"
                 f"{hint}To accept the difference pass thresholds="
                 + "{" + ", ".join(f"{k!r}: {suggested[k]:.2f}" for k in keys) + "}."
             )
