@@ -8,7 +8,7 @@ same run (a large matmul), and the peak resident memory of each configuration. E
 configuration runs in its own process so its peak memory is its own.
 
 Usage:
-    python benchmarks/model_throughput.py                   # the full table (~10 min)
+    python benchmarks/model_throughput.py                   # the full table, XLA off (~6 min)
     python benchmarks/model_throughput.py --quick           # 16 filters, fewer steps
     python benchmarks/model_throughput.py --only 96 --precision float32 --jit both
 """
@@ -51,7 +51,7 @@ def measure(spec: dict) -> dict:
     import keras
 
     import unetpp_tf
-    from unetpp_tf.models.flops import count_flops
+    from unetpp_tf.models import count_flops
 
     if spec["precision"] == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -60,7 +60,7 @@ def measure(spec: dict) -> dict:
     widths = tuple(filters * 2**i for i in range(5))
     model = unetpp_tf.from_preset(
         "paper", input_shape=(size, size, 1), filters=widths, batch_norm=spec["batch_norm"],
-        dropout=0.0 if spec["batch_norm"] else 0.5, **({"remat": True} if spec["remat"] else {}),
+        dropout=0.0 if spec["batch_norm"] else 0.5,
     )
     model.compile(
         keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=spec["jit"]
@@ -109,8 +109,7 @@ def main() -> None:
     parser.add_argument("--only", type=int, choices=[size for size, _ in CONFIGS], help="one input size")
     parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
     parser.add_argument("--batch-norm", choices=("on", "off", "both"), default="both")
-    parser.add_argument("--jit", choices=("on", "off", "both"), default="on", help="XLA compilation")
-    parser.add_argument("--remat", action="store_true", help="also measure the recomputation option")
+    parser.add_argument("--jit", choices=("on", "off", "both"), default="off", help="XLA compilation")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,9 +121,6 @@ def main() -> None:
     precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
     norms = [False, True] if args.batch_norm == "both" else [args.batch_norm == "on"]
     jits = [True, False] if args.jit == "both" else [args.jit == "on"]
-    remats = [False, True] if args.remat else [False]
-    import tensorflow as tf  # noqa: F401  (after the subprocess branch: children import it themselves)
-
     peaks = {p: ceiling(p) for p in precisions}
     rows = []
     for size, batch in CONFIGS:
@@ -133,35 +129,33 @@ def main() -> None:
         for precision in precisions:
             for batch_norm in norms:
                 for jit in jits:
-                    for remat in remats:
-                        spec = dict(size=size, batch=batch, filters=filters, precision=precision,
-                                    batch_norm=batch_norm, jit=jit, remat=remat, steps=steps)
-                        rows.append(run_isolated(spec))
+                    spec = dict(size=size, batch=batch, filters=filters, precision=precision,
+                                batch_norm=batch_norm, jit=jit, steps=steps)
+                    rows.append(run_isolated(spec))
 
-    print(f"ceiling (2048^3 matmul): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
+    print("ceiling (2048^3 matmul): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
     print(f"model: UNet++ filters {tuple(filters * 2**i for i in range(5))}, {rows[0]['params']:,} params (no BN)\n")
-    header = (f"{'size':>7} {'batch':>5} {'dtype':>8} {'BN':>3} {'XLA':>3} {'remat':>5} {'GFLOP/img':>9} "
+    header = (f"{'size':>7} {'batch':>5} {'dtype':>8} {'BN':>3} {'XLA':>3} {'GFLOP/img':>9} "
               f"{'train img/s':>11} {'train %':>7} {'pred img/s':>10} {'pred %':>6} {'peak GB':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         peak = peaks[r["precision"]]
         print(f"{r['size']:>4}^2 {r['batch']:>5} {r['precision'][:8]:>8} {'on' if r['batch_norm'] else 'off':>3} "
-              f"{'on' if r['jit'] else 'off':>3} {'on' if r['remat'] else 'off':>5} {r['gflops_per_image']:>9.2f} "
+              f"{'on' if r['jit'] else 'off':>3} {r['gflops_per_image']:>9.2f} "
               f"{r['train_images_s']:>11.2f} {100 * r['train_gflops_s'] / peak:>6.0f}% "
               f"{r['predict_images_s']:>10.2f} {100 * r['predict_gflops_s'] / peak:>5.0f}% {r['peak_rss_gb']:>7.2f}")
-    by_key = {(r["size"], r["precision"], r["batch_norm"], r["jit"], r["remat"]): r for r in rows}
+    by_key = {(r["size"], r["precision"], r["batch_norm"], r["jit"]): r for r in rows}
     print()
-    for (size, precision, bn, jit, remat), r in by_key.items():
-        if precision == "bfloat16" and (size, "float32", bn, jit, remat) in by_key:
-            base = by_key[(size, "float32", bn, jit, remat)]
-            print(f"bf16 / fp32 training speed-up at {size}^2, BN {'on' if bn else 'off'}: "
+    for (size, precision, bn, jit), r in by_key.items():
+        if precision == "bfloat16" and (size, "float32", bn, jit) in by_key:
+            base = by_key[(size, "float32", bn, jit)]
+            print(f"bf16 / fp32 training speed-up at {size}^2, BN {'on' if bn else 'off'}, XLA {'on' if jit else 'off'}: "
                   f"{r['train_images_s'] / base['train_images_s']:.2f}x (target >= 1.5x)")
-        if remat and (size, precision, bn, jit, False) in by_key:
-            base = by_key[(size, precision, bn, jit, False)]
-            print(f"remat peak memory at {size}^2 {precision}: {r['peak_rss_gb']:.2f} GB vs {base['peak_rss_gb']:.2f} GB "
-                  f"({100 * (1 - r['peak_rss_gb'] / base['peak_rss_gb']):.0f}% lower), "
-                  f"speed {r['train_images_s'] / base['train_images_s']:.2f}x")
+        if jit and (size, precision, bn, False) in by_key:
+            base = by_key[(size, precision, bn, False)]
+            print(f"XLA on / off training speed at {size}^2 {precision}, BN {'on' if bn else 'off'}: "
+                  f"{r['train_images_s'] / base['train_images_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def test_host_side_augmentation_in_tf_data():
     augmenter = SegmentationAugmenter(rotation=0.1, noise=0.05, seed=1)
     plain = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False)
     augmented = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False, augment=augmenter)
-    (x0, y0), (x1, y1) = next(iter(plain.train)), next(iter(augmented.train))
+    (x0, _), (x1, y1) = next(iter(plain.train)), next(iter(augmented.train))
     assert y1.dtype == tf.int32 and set(np.unique(y1.numpy())) <= {0, 1}
     assert not np.allclose(x0.numpy(), x1.numpy())
     np.testing.assert_array_equal(next(iter(augmented.val))[1].numpy(), next(iter(plain.val))[1].numpy())

@@ -14,6 +14,7 @@ CHOICES = {
     "schedule": ("constant", "cosine", "plateau"),
     "mixed_precision": ("none", "bf16", "fp16"),
     "strategy": ("auto", "one-device", "mirrored", "tpu"),
+    "xla": ("auto", "on", "off"),
     "augment": ("device", "host", "none"),
     "task": ("binary", "multiclass"),
 }
@@ -75,6 +76,7 @@ class TrainConfig:
     epochs: int = 10
     early_stopping: int = 0
     mixed_precision: str = "none"
+    xla: str = "auto"
     strategy: str = "auto"
     # outputs
     export_saved_model: bool = True
