@@ -26,6 +26,7 @@ from PIL import Image
 
 import unetpp_tf
 from unetpp_tf.data import AugmentedModel, SegmentationAugmenter, from_directory, synthetic_sample
+from unetpp_tf.training import use_xla
 
 AUGMENTATION = dict(rotation=0.05, zoom=0.1, translation=0.05, brightness=0.1, contrast=0.1, noise=0.02)
 
@@ -66,7 +67,7 @@ def step_times(models, images, masks, steps: int, rounds: int = 5) -> list[float
 
 
 def compiled(model):
-    model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss())
+    model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=use_xla("auto"))
     return model
 
 
