@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from unetpp_tf.data import decode
@@ -512,7 +513,6 @@ def _mock_pet(count=7):
 
 @pytest.mark.parametrize("classes, num_classes, ids", [("binary", 1, {0, 1}), ("trimap", 3, {0, 1, 2})])
 def test_tfds_mock_pet(classes, num_classes, ids):
-    tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(as_dataset_fn=_mock_pet()):
         data = from_tfds(classes=classes, image_size=(16, 24), batch_size=4)
         assert data.num_classes == num_classes and data.channels == 3 and data.image_size == (16, 24)
@@ -528,7 +528,6 @@ def test_tfds_mock_pet(classes, num_classes, ids):
 
 
 def test_tfds_mock_default_generator_and_guards():
-    tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=3):  # random masks 0..255, random shapes
         data = from_tfds(classes="auto", num_classes=256, image_size=(8, 8), batch_size=3, crop_size=(6, 6))
         x, y = first_batch(data.val)
@@ -542,3 +541,12 @@ def test_tfds_mock_default_generator_and_guards():
         from_tfds(classes="auto")
     with pytest.raises(ValueError, match="image_size"):
         from_tfds(image_size=None)
+
+
+def test_tfds_download_failure_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(tfds.builder_cls("oxford_iiit_pet"), "download_and_prepare", offline)
+    with pytest.raises(ValueError, match=r"could not download and prepare TFDS dataset 'oxford_iiit_pet'.*data_dir="):
+        from_tfds(data_dir=str(tmp_path))

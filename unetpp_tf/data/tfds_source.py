@@ -131,7 +131,14 @@ def from_tfds(
         raise ValueError(f"TFDS dataset {name!r} does not fix the number of image channels.")
     decode.check_normalization_channels(norm, channels)
     if download:
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # noqa: BLE001  (network, disk and builder errors all land here)
+            raise ValueError(
+                f"could not download and prepare TFDS dataset {name!r} into {builder.data_dir}: "
+                f"{type(error).__name__}: {error}. Check the network connection, or prepare it once "
+                "elsewhere and pass data_dir= (with download=False)."
+            ) from error
 
     specs = _split_specs(fractions, list(builder.info.splits.keys()))
 
