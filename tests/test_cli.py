@@ -1,5 +1,6 @@
 """The `unetpp-tf` command line: output, exit codes, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -35,3 +36,28 @@ def test_console_entry_rejects_unknown_flag_value():
     assert result.stderr.strip().count("\n") == 0
     assert "invalid choice: 'resnet'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_folder_writes_per_image_csv_with_file_names(tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(10):
+        image, mask = (t.numpy()[..., 0] for t in unetpp_tf.data.synthetic_sample(i, image_size=(32, 32)))
+        Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "data" / "images" / f"cell{i}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "data" / "masks" / f"cell{i}.png")
+    model_path = tmp_path / "m.keras"
+    unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4).save(model_path)
+    table = tmp_path / "per_image.csv"
+    args = ["evaluate", "--model", str(model_path), "--data", str(tmp_path / "data"), "--image-size", "32",
+            "--csv", str(table), "--json"]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == metrics["images"] == 2  # 15% of 10 files, rounded
+    assert all(row["name"].startswith("cell") and row["name"].endswith(".png") for row in rows)

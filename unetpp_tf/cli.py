@@ -152,7 +152,10 @@ def _evaluate(args) -> int:
     paths = [_model_file(p) for p in args.model]
     models = [load_model(p) for p in paths]
     data = _data_for(args, args.model[0])
-    result = evaluate(models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold)
+    names = [Path(image).name for image, _ in data.files.get(args.split, [])] or None  # folder data: file names
+    result = evaluate(
+        models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold, names=names
+    )
     if args.csv:
         write_per_image_csv(result["per_image"], args.csv)
     metrics = result["metrics"]
