@@ -48,6 +48,12 @@ def test_bad_config(values, message):
         TrainConfig.from_dict(values)
 
 
+def test_unknown_augmentation_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"augmentation: unknown setting\(s\) \['spin'\]; valid settings are \['flip'"):
+        train(dict(TINY, output_dir=str(tmp_path), augmentation={"spin": 1}), verbose=0)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_bad_config_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         load_config(tmp_path / "missing.json")

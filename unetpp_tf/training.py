@@ -17,6 +17,7 @@ Plain Keras works too: the datasets, losses and metrics are ordinary Keras objec
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -53,13 +54,26 @@ class TrainingDiverged(FloatingPointError):
 # ----------------------------------------------------------------------------- data / model
 
 
+def make_augmenter(config: TrainConfig) -> SegmentationAugmenter:
+    """The augmenter a configuration describes, seeded with the run's seed.
+
+    Example:
+        >>> make_augmenter(TrainConfig(augmentation={"rotation": 0.1, "zoom": 0.1}))
+    """
+    valid = [name for name in inspect.signature(SegmentationAugmenter).parameters if name not in ("seed", "kwargs")]
+    unknown = sorted(set(config.augmentation) - set(valid))
+    if unknown:
+        raise ValueError(f"augmentation: unknown setting(s) {unknown}; valid settings are {valid}.")
+    return SegmentationAugmenter(**config.augmentation, seed=config.seed)
+
+
 def load_data(config: TrainConfig) -> SegmentationData:
     """Open the data a configuration names (synthetic, a folder, or tfds:NAME).
 
     Example:
         >>> data = load_data(TrainConfig(data="my_folder", image_size=(128, 128)))
     """
-    host_augment = SegmentationAugmenter(**config.augmentation, seed=config.seed) if config.augment == "host" else None
+    host_augment = make_augmenter(config) if config.augment == "host" else None
     common = dict(batch_size=config.batch_size, split=config.split, seed=config.seed, augment=host_augment)
     if config.images or config.masks:
         return from_directory(
@@ -305,7 +319,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         scores = [metrics_module.Dice(num_classes=data.num_classes), metrics_module.IoU(num_classes=data.num_classes)]
         trainer = model
         if config.augment == "device":
-            trainer = AugmentedModel(model, SegmentationAugmenter(**config.augmentation, seed=config.seed))
+            trainer = AugmentedModel(model, make_augmenter(config))
         trainer.compile(
             optimizer=_optimizer(config, steps),
             loss=_loss(config, data.num_classes),
