@@ -123,7 +123,49 @@ def _first(element):
     return element
 
 
-class TFLiteModel:
+class _ExportedModel:
+    """What TFLiteModel and SavedModelRunner share: the Keras-like surface that lets
+    `unetpp_tf.predict`, `evaluate` and the CLI use them in place of a Keras model.
+    Subclasses define `__call__`, `input_shape` and `output_shape`."""
+
+    @property
+    def inputs(self) -> list:
+        """[tf.TensorSpec (None, H, W, C)], standing in for Keras `model.inputs`."""
+        return [tf.TensorSpec(self.input_shape, tf.float32, name="images")]
+
+    @property
+    def outputs(self) -> list:
+        """[tf.TensorSpec (None, H, W, K)], standing in for Keras `model.outputs`."""
+        return [tf.TensorSpec(self.output_shape, tf.float32, name="probabilities")]
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels K (1 for a binary sigmoid model)."""
+        return int(self.output_shape[-1])
+
+    def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
+        """Keras-style alias of `__call__`; also accepts an iterable of batches.
+
+        Args:
+            x: array, tensor or iterable. Images [N, H, W, C] in [0, 1], or a dataset of
+                images or (images, masks) batches.
+            batch_size: int or None. Ignored (kept for Keras compatibility). Defaults to None.
+            verbose: int. Ignored, for Keras compatibility. Defaults to 0.
+
+        Returns:
+            np.ndarray: float32 probabilities [N, H, W, K].
+
+        Example:
+            >>> probabilities = TFLiteModel("export/model_float32.tflite").predict(data.test)
+        """
+        return self(_predict_input(x))
+
+    def predict_on_batch(self, x) -> np.ndarray:
+        """Keras-style alias of `__call__` for one batch of images."""
+        return self(x)
+
+
+class TFLiteModel(_ExportedModel):
     """Run a `.tflite` segmentation model like a Keras model (LiteRT interpreter).
 
     Images go in as float32 [N, H, W, C] in [0, 1] whatever the file's input type:
@@ -182,16 +224,6 @@ class TFLiteModel:
         return (None, *self._image_shape)
 
     @property
-    def inputs(self) -> list:
-        """[tf.TensorSpec (None, H, W, C)], standing in for Keras `model.inputs`."""
-        return [tf.TensorSpec(self.input_shape, tf.float32, name="images")]
-
-    @property
-    def outputs(self) -> list:
-        """[tf.TensorSpec (None, H, W, K)], standing in for Keras `model.outputs`."""
-        return [tf.TensorSpec(self.output_shape, tf.float32, name="probabilities")]
-
-    @property
     def size_divisor(self) -> int:
         """1: the file has a fixed input size, so inputs are never padded to a multiple."""
         return 1
@@ -200,11 +232,6 @@ class TFLiteModel:
     def output_shape(self) -> tuple:
         """Keras-style output shape (None, H, W, K)."""
         return (None, *(int(s) for s in self._output["shape"][1:]))
-
-    @property
-    def num_classes(self) -> int:
-        """Output channels K (1 for a binary sigmoid model)."""
-        return int(self._output["shape"][-1])
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -248,33 +275,11 @@ class TFLiteModel:
             results.append(self._dequantize(self._interpreter.get_tensor(self._output["index"])))
         return np.concatenate(results, axis=0)
 
-    def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
-        """Keras-style alias of `__call__`; also accepts an iterable of batches.
-
-        Args:
-            x: array, tensor or iterable. Images [N, H, W, C] in [0, 1], or a dataset of
-                images or (images, masks) batches.
-            batch_size: int or None. Ignored (the file runs one image at a time).
-                Defaults to None.
-            verbose: int. Ignored, for Keras compatibility. Defaults to 0.
-
-        Returns:
-            np.ndarray: float32 probabilities [N, H, W, K].
-
-        Example:
-            >>> probabilities = TFLiteModel("export/model_float32.tflite").predict(images)
-        """
-        return self(_predict_input(x))
-
-    def predict_on_batch(self, x) -> np.ndarray:
-        """Keras-style alias of `__call__` for one batch of images."""
-        return self(x)
-
     def __repr__(self):
         return f"TFLiteModel({str(self.path)!r}, input {self.input_dtype.name} {list(self.input_shape)})"
 
 
-class SavedModelRunner:
+class SavedModelRunner(_ExportedModel):
     """Run an exported SavedModel with the same interface as `TFLiteModel`.
 
     Uses the "serve_float" signature (float32 images in [0, 1]) written by
@@ -326,16 +331,6 @@ class SavedModelRunner:
         return (None, *self._input_spec.shape[1:])
 
     @property
-    def inputs(self) -> list:
-        """[tf.TensorSpec (None, H, W, C)], standing in for Keras `model.inputs`."""
-        return [tf.TensorSpec(self.input_shape, tf.float32, name="images")]
-
-    @property
-    def outputs(self) -> list:
-        """[tf.TensorSpec (None, H, W, K)], standing in for Keras `model.outputs`."""
-        return [tf.TensorSpec(self.output_shape, tf.float32, name="probabilities")]
-
-    @property
     def size_divisor(self) -> int | None:
         """What H and W must be divisible by (2**depth for UNet++), None if not recorded."""
         return self.metadata.get("size_divisor")
@@ -344,11 +339,6 @@ class SavedModelRunner:
     def output_shape(self) -> tuple:
         """Keras-style output shape (None, H, W, K)."""
         return (None, *self._output_spec.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        """Output channels K (1 for a binary sigmoid model)."""
-        return int(self._output_spec.shape[-1])
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -385,10 +375,6 @@ class SavedModelRunner:
             return self(_predict_input(x))
         finally:
             self.batch_size = saved
-
-    def predict_on_batch(self, x) -> np.ndarray:
-        """Keras-style alias of `__call__` for one batch of images."""
-        return self(x)
 
     def __repr__(self):
         return f"SavedModelRunner({str(self.path)!r})"
