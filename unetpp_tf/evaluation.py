@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from unetpp_tf.data.pipeline import SegmentationData
-from unetpp_tf.inference import _resolve, as_single_output, staged_writes
+from unetpp_tf.inference import as_single_output, staged_writes
 from unetpp_tf.metrics import confusion_counts, pixel_accuracy, ratios_from_counts
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "f1", "accuracy")
@@ -69,7 +69,7 @@ def evaluate(
     if isinstance(dataset, SegmentationData):
         raise ValueError("dataset is a SegmentationData; pass one split, e.g. data.test or data.val.")
     many = isinstance(model_or_models, (list, tuple))
-    models = [as_single_output(_resolve(m), mode, level) for m in (model_or_models if many else [model_or_models])]
+    models = [as_single_output(m, mode, level) for m in (model_or_models if many else [model_or_models])]
     if not models:
         raise ValueError("model_or_models is an empty list; pass a model or a list of models.")
     channels = {m.outputs[0].shape[-1] for m in models}

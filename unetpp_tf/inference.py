@@ -81,15 +81,12 @@ def load_model(path: str | os.PathLike):
         raise ValueError(f"{path} is not a readable model: {error}") from error
 
 
-def _resolve(model) -> keras.Model:
-    return load_model(model) if isinstance(model, (str, os.PathLike)) else model
-
-
 def as_single_output(model: keras.Model, mode: str = "accurate", level: int | None = None) -> keras.Model:
     """Return a one-output model: deep-supervision models go through `inference_model`.
 
     Args:
-        model: keras.Model. Any segmentation model; several outputs mean deep supervision.
+        model: keras.Model or str. Any segmentation model (several outputs mean deep
+            supervision), or a path for `load_model`.
         mode: str. "accurate" (mean of the heads) or "fast" (one pruned head) for
             deep-supervision models. Defaults to "accurate".
         level: int or None. Head kept in "fast" mode; None is the deepest. Defaults to None.
@@ -100,6 +97,8 @@ def as_single_output(model: keras.Model, mode: str = "accurate", level: int | No
     Example:
         >>> fast = as_single_output(build_unetpp((32, 32, 1), depth=2, deep_supervision=True), "fast", 1)
     """
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}.")
     if len(model.outputs) > 1:
@@ -249,7 +248,7 @@ def predict(
     Example:
         >>> probs = predict(model, images, tile_size=96, overlap=0.5, tta=True)
     """
-    model = as_single_output(_resolve(model), mode, level)
+    model = as_single_output(model, mode, level)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not 0.0 <= overlap < 1.0:
@@ -426,7 +425,7 @@ def predict_files(
     Example:
         >>> predict_files("model.keras", ["scans/"], "masks/", overlay=True, tta=True)
     """
-    model = as_single_output(_resolve(model), predict_kwargs.pop("mode", "accurate"), predict_kwargs.pop("level", None))
+    model = as_single_output(model, predict_kwargs.pop("mode", "accurate"), predict_kwargs.pop("level", None))
     _, model_channels = _input_geometry(model)
     if channels is not None and model_channels is not None and channels != model_channels:
         raise ValueError(f"channels={channels} but model {model.name!r} expects {model_channels} input channels.")

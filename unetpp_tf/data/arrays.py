@@ -130,9 +130,7 @@ def from_arrays(
         augment=augment,
     )
     return SegmentationData(
-        train=batched["train"],
-        val=batched["val"],
-        test=batched["test"],
+        **batched,
         num_classes=mapping.num_classes,
         channels=channels,
         image_size=tuple(crop_size or size),

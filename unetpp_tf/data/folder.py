@@ -280,9 +280,7 @@ def from_directory(
     files = {name: [(str(i), str(m)) for i, m in parts[name]] for name in SPLITS}
     files["skipped"] = [(str(path), reason) for path, reason in skipped]
     return SegmentationData(
-        train=batched["train"],
-        val=batched["val"],
-        test=batched["test"],
+        **batched,
         num_classes=mapping.num_classes,
         channels=channels,
         image_size=tuple(final_size),

@@ -172,9 +172,7 @@ def from_tfds(
     )
     described = ", ".join(f"{part}={specs[part]}" for part in SPLITS)
     return SegmentationData(
-        train=batched["train"],
-        val=batched["val"],
-        test=batched["test"],
+        **batched,
         num_classes=num_classes,
         channels=int(channels),
         image_size=tuple(crop_size or image_size),
