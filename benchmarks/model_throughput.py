@@ -1,16 +1,18 @@
 """UNet++ training and prediction throughput against the CPU's measured ceiling.
 
-For the paper-width UNet++ (filters 32..512, 9.04M parameters), with and without
-BatchNorm, at 96x96 batch 16 and 256x256 batch 4, in float32 and mixed bfloat16, this
-prints one table: training and prediction images/s, FLOPs per image counted from the graph,
-the effective GFLOP/s (training = 3x forward) and its fraction of a ceiling measured in the
-same run (a large matmul), and the peak resident memory of each configuration. Each
-configuration runs in its own process so its peak memory is its own.
+For the paper-width UNet++ (filters 32..512, 9.04M parameters) in three variants (the
+official configuration: no BatchNorm, dropout 0.5; no BatchNorm and no dropout; BatchNorm
+and no dropout, the library default and the peers' setup), at 96x96 batch 16 and 256x256
+batch 4, in float32 and mixed bfloat16, this prints one table: training and prediction
+images/s, FLOPs per image counted from the graph, the effective GFLOP/s (training = 3x
+forward) and its fraction of a ceiling measured in the same run (a large matmul), and the
+peak resident memory of each configuration. Each configuration runs in its own process so
+its peak memory is its own.
 
 Usage:
-    python benchmarks/model_throughput.py                   # the full table, XLA off (~6 min)
+    python benchmarks/model_throughput.py                   # the full table, XLA off (~12 min)
     python benchmarks/model_throughput.py --quick           # 16 filters, fewer steps
-    python benchmarks/model_throughput.py --only 96 --precision float32 --jit both
+    python benchmarks/model_throughput.py --only 96 --precision float32 --variant bn --jit both
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ CONFIGS = [  # (size, batch)
     (96, 16),
     (256, 4),
 ]
+VARIANTS = {  # name: (batch_norm, dropout)
+    "paper": (False, 0.5),
+    "no-bn": (False, 0.0),
+    "bn": (True, 0.0),
+}
 
 
 def ceiling(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -60,7 +67,7 @@ def measure(spec: dict) -> dict:
     widths = tuple(filters * 2**i for i in range(5))
     model = unetpp_tf.from_preset(
         "paper", input_shape=(size, size, 1), filters=widths, batch_norm=spec["batch_norm"],
-        dropout=0.0 if spec["batch_norm"] else 0.5,
+        dropout=spec["dropout"],
     )
     model.compile(
         keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=spec["jit"]
@@ -108,7 +115,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 filters and 3 steps: a smoke run")
     parser.add_argument("--only", type=int, choices=[size for size, _ in CONFIGS], help="one input size")
     parser.add_argument("--precision", choices=("float32", "bfloat16", "both"), default="both")
-    parser.add_argument("--batch-norm", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--variant", choices=(*VARIANTS, "all"), default="all",
+                        help="paper: no BN, dropout 0.5; no-bn: no BN, no dropout; bn: BN, no dropout")
     parser.add_argument("--jit", choices=("on", "off", "both"), default="off", help="XLA compilation")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -119,7 +127,7 @@ def main() -> None:
 
     filters, steps = (16, 3) if args.quick else (32, args.steps)
     precisions = ["float32", "bfloat16"] if args.precision == "both" else [args.precision]
-    norms = [False, True] if args.batch_norm == "both" else [args.batch_norm == "on"]
+    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
     jits = [True, False] if args.jit == "both" else [args.jit == "on"]
     peaks = {p: ceiling(p) for p in precisions}
     rows = []
@@ -127,34 +135,36 @@ def main() -> None:
         if args.only and size != args.only:
             continue
         for precision in precisions:
-            for batch_norm in norms:
+            for variant in variants:
+                batch_norm, dropout = VARIANTS[variant]
                 for jit in jits:
-                    spec = dict(size=size, batch=batch, filters=filters, precision=precision,
-                                batch_norm=batch_norm, jit=jit, steps=steps)
+                    spec = dict(size=size, batch=batch, filters=filters, precision=precision, variant=variant,
+                                batch_norm=batch_norm, dropout=dropout, jit=jit, steps=steps)
                     rows.append(run_isolated(spec))
 
     print("ceiling (2048^3 matmul): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()))
-    print(f"model: UNet++ filters {tuple(filters * 2**i for i in range(5))}, {rows[0]['params']:,} params (no BN)\n")
-    header = (f"{'size':>7} {'batch':>5} {'dtype':>8} {'BN':>3} {'XLA':>3} {'GFLOP/img':>9} "
+    print(f"model: UNet++ filters {tuple(filters * 2**i for i in range(5))}, {rows[0]['params']:,} params "
+          f"({rows[0]['variant']} variant); training GFLOP/s = 3 x forward FLOPs x images/s\n")
+    header = (f"{'size':>7} {'batch':>5} {'dtype':>8} {'variant':>7} {'XLA':>3} {'GFLOP/img':>9} "
               f"{'train img/s':>11} {'train %':>7} {'pred img/s':>10} {'pred %':>6} {'peak GB':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         peak = peaks[r["precision"]]
-        print(f"{r['size']:>4}^2 {r['batch']:>5} {r['precision'][:8]:>8} {'on' if r['batch_norm'] else 'off':>3} "
+        print(f"{r['size']:>4}^2 {r['batch']:>5} {r['precision'][:8]:>8} {r['variant']:>7} "
               f"{'on' if r['jit'] else 'off':>3} {r['gflops_per_image']:>9.2f} "
               f"{r['train_images_s']:>11.2f} {100 * r['train_gflops_s'] / peak:>6.0f}% "
               f"{r['predict_images_s']:>10.2f} {100 * r['predict_gflops_s'] / peak:>5.0f}% {r['peak_rss_gb']:>7.2f}")
-    by_key = {(r["size"], r["precision"], r["batch_norm"], r["jit"]): r for r in rows}
+    by_key = {(r["size"], r["precision"], r["variant"], r["jit"]): r for r in rows}
     print()
-    for (size, precision, bn, jit), r in by_key.items():
-        if precision == "bfloat16" and (size, "float32", bn, jit) in by_key:
-            base = by_key[(size, "float32", bn, jit)]
-            print(f"bf16 / fp32 training speed-up at {size}^2, BN {'on' if bn else 'off'}, XLA {'on' if jit else 'off'}: "
+    for (size, precision, variant, jit), r in by_key.items():
+        if precision == "bfloat16" and (size, "float32", variant, jit) in by_key:
+            base = by_key[(size, "float32", variant, jit)]
+            print(f"bf16 / fp32 training speed-up at {size}^2, {variant}, XLA {'on' if jit else 'off'}: "
                   f"{r['train_images_s'] / base['train_images_s']:.2f}x (target >= 1.5x)")
-        if jit and (size, precision, bn, False) in by_key:
-            base = by_key[(size, precision, bn, False)]
-            print(f"XLA on / off training speed at {size}^2 {precision}, BN {'on' if bn else 'off'}: "
+        if jit and (size, precision, variant, False) in by_key:
+            base = by_key[(size, precision, variant, False)]
+            print(f"XLA on / off training speed at {size}^2 {precision}, {variant}: "
                   f"{r['train_images_s'] / base['train_images_s']:.2f}x")
 
 

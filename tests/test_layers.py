@@ -1,0 +1,126 @@
+"""The fused drop-in layers: same results as Keras' layers, and a sound dropout mask."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from unetpp_tf.models.layers import FusedBatchNormalization, FusedDropout, hash_dropout
+
+
+def _paired_batch_norms(**kwargs):
+    reference, fused = keras.layers.BatchNormalization(**kwargs), FusedBatchNormalization(**kwargs)
+    shape = (4, 8, 8, 5) if kwargs.get("axis", -1) == -1 else (4, 5, 8, 8)
+    for layer in (reference, fused):
+        layer.build(shape)
+    weights = [np.linspace(0.5, 2.0, w.shape[0]).astype("float32") for w in reference.get_weights()]
+    reference.set_weights(weights)
+    fused.set_weights(weights)
+    return reference, fused, shape
+
+
+@pytest.mark.parametrize("options", [{}, {"center": False, "scale": False}, {"axis": 1}])
+def test_fused_batch_norm_matches_keras_in_training(rng, options):
+    reference, fused, shape = _paired_batch_norms(momentum=0.8, **options)
+    x = tf.constant(rng.normal(2.0, 3.0, shape).astype("float32"))
+    weight = tf.constant(rng.normal(size=shape).astype("float32"))
+    outputs, grads = [], []
+    for layer in (reference, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * weight)
+        outputs.append(y.numpy())
+        grads.append([g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])])
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-5)
+    for fused_grad, reference_grad in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(fused_grad, reference_grad, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-5)
+    # The update moved the statistics towards the batch's, not left them at their start.
+    assert not np.allclose(fused.moving_mean.numpy(), np.linspace(0.5, 2.0, 5)[:5])
+
+
+def test_fused_batch_norm_matches_keras_in_inference(rng):
+    reference, fused, shape = _paired_batch_norms()
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    np.testing.assert_allclose(fused(x, training=False), reference(x, training=False), atol=1e-5)
+
+
+def test_fused_batch_norm_under_mixed_bfloat16(rng):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer = FusedBatchNormalization()
+        x = tf.constant(rng.normal(3.0, 2.0, (4, 8, 8, 3)).astype("float32"))
+        y = layer(x, training=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.bfloat16 and layer.moving_mean.dtype == "float32"
+    y = tf.cast(y, tf.float32).numpy()
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=0.02)
+    np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 1.0, atol=0.02)
+
+
+def _mask(rate, seed, shape=(8, 64, 64, 32)):
+    return hash_dropout(tf.ones(shape), rate, tf.constant(seed)).numpy() != 0
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_hash_dropout_keeps_the_expected_fraction_and_scales(rate):
+    y = hash_dropout(tf.ones((8, 64, 64, 32)), rate, tf.constant([7, 3])).numpy()
+    kept = y != 0
+    n = kept.size
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    np.testing.assert_allclose(y[kept], 1.0 / (1.0 - rate), rtol=1e-6)
+
+
+def test_hash_dropout_masks_are_reproducible_and_independent():
+    np.testing.assert_array_equal(_mask(0.5, [1, 2]), _mask(0.5, [1, 2]))
+    masks = [_mask(0.5, seed).ravel().astype("float32") for seed in ([1, 2], [1, 3], [2, 2])]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert abs(np.corrcoef(masks[a], masks[b])[0, 1]) < 0.01
+    # Neighbouring elements (next channel, next pixel) are not correlated either.
+    mask = _mask(0.5, [5, 9]).astype("float32")
+    assert abs(np.corrcoef(mask[..., :-1].ravel(), mask[..., 1:].ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(mask[:, :, :-1].ravel(), mask[:, :, 1:].ravel())[0, 1]) < 0.01
+
+
+def test_hash_dropout_gradient_is_the_same_mask(rng):
+    x = tf.constant(rng.normal(size=(2, 16, 16, 4)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 16, 16, 4)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = hash_dropout(x, 0.25, tf.constant([4, 4]))
+        loss = tf.reduce_sum(y * upstream)
+    kept = _mask(0.25, [4, 4], shape=x.shape)
+    np.testing.assert_allclose(y.numpy(), np.where(kept, x.numpy() / 0.75, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), np.where(kept, upstream.numpy() / 0.75, 0.0), rtol=1e-6)
+
+
+def test_hash_dropout_rejects_a_rate_of_one():
+    with pytest.raises(ValueError, match="rate"):
+        hash_dropout(tf.ones((2, 2)), 1.0, tf.constant([0, 0]))
+
+
+def test_fused_dropout_layer_draws_new_masks_and_is_identity_in_inference():
+    layer = FusedDropout(0.5, seed=3)
+    x = np.ones((2, 16, 16, 8), "float32")
+    first, second = (np.asarray(layer(x, training=True)) != 0 for _ in range(2))
+    assert 0.4 < first.mean() < 0.6 and (first != second).mean() > 0.3
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    replayed = layer.apply_mask(x, tf.constant([3, 0]))
+    assert np.asarray(replayed).shape == x.shape
+
+
+def test_fused_layers_survive_a_keras_save_and_load(tmp_path, rng):
+    inputs = keras.Input((8, 8, 2))
+    x = FusedBatchNormalization(name="bn")(inputs)
+    outputs = FusedDropout(0.3, name="drop")(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("bn").moving_mean.assign([0.5, -0.5])
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.get_layer("bn"), FusedBatchNormalization)
+    assert isinstance(loaded.get_layer("drop"), FusedDropout) and loaded.get_layer("drop").rate == 0.3
+    x = rng.random((2, 8, 8, 2), dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)

@@ -1,0 +1,157 @@
+"""Drop-in Keras layers that do the same work in fewer passes over memory on TensorFlow.
+
+UNet++ runs 2 normalizations and 2 dropouts per node on full-resolution tensors, so the
+elementwise layers cost a large share of a training step. Keras 3 computes both from
+generic ops: BatchNormalization as about ten elementwise ops forward and more backward,
+and Dropout as a random draw, a compare, a multiply and a select, keeping the mask for the
+backward pass. On the TensorFlow backend these subclasses use one kernel each way instead:
+
+- `FusedBatchNormalization`: TensorFlow's fused batch-norm op (oneDNN on CPU, cuDNN on GPU).
+- `FusedDropout`: an XLA-compiled kernel that draws a counter-based hash mask and applies it in
+  the same loop; the gradient regenerates the mask from the seed, so no mask is stored.
+
+Both keep Keras' variables, configuration and results, and fall back to the Keras code on
+other backends and for the options the fast path does not cover.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+_UINT32 = 2**32
+
+
+def _on_tensorflow() -> bool:
+    return keras.backend.backend() == "tensorflow"
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` computed by TensorFlow's fused kernel.
+
+    Used for 4-D channels-last inputs on the TensorFlow backend; masks, renormalization,
+    synchronized statistics and other layouts take the Keras path. The moving statistics
+    follow Keras' rule (biased batch variance, `momentum` as the decay), so weights move
+    freely between the two layers.
+
+    Example:
+        >>> layer = FusedBatchNormalization()
+        >>> tuple(layer(np.ones((2, 4, 4, 3), "float32"), training=True).shape)
+        (2, 4, 4, 3)
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        return (
+            _on_tensorflow()
+            and mask is None
+            and not self.renorm
+            and not self.synchronized
+            and len(inputs.shape) == 4
+            and self.axis in (3, -1)
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.convert_to_tensor(inputs)
+        if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
+            x = tf.cast(x, tf.float32)
+        channels = x.shape[-1]
+        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones((channels,), tf.float32)
+        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros((channels,), tf.float32)
+        if training and self.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+            )
+            # The fused op returns the unbiased variance; Keras averages the biased one.
+            count = tf.cast(tf.size(x) // channels, tf.float32)
+            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(
+                self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+            )
+        else:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, mean=tf.convert_to_tensor(self.moving_mean),
+                variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
+                data_format="NHWC", is_training=False,
+            )
+        return tf.cast(y, self.compute_dtype)
+
+
+def _lowbias32(h):
+    """A 32-bit integer hash with low bias (Wellons' `lowbias32` constants)."""
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16)) * tf.constant(0x7FEB352D, tf.uint32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 15)) * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+
+
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+def _apply_hash_mask(x, keys, threshold, scale):
+    """x * scale where hash(index, keys) >= threshold, else 0; one fused loop under XLA."""
+    index = tf.cast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), tf.uint32)
+    bits = _lowbias32(_lowbias32(tf.bitwise.bitwise_xor(index, keys[0])) + keys[1])
+    return tf.where(bits >= threshold, x * tf.cast(scale, x.dtype), tf.zeros_like(x))
+
+
+def hash_dropout(x, rate: float, seed):
+    """Inverted dropout of `x` at `rate` with a mask that is a pure function of `seed`.
+
+    Element k is kept when a hash of (k, seed) lands above `rate` of the 32-bit range, and
+    kept values are scaled by 1 / (1 - rate). The same seed gives the same mask, which the
+    gradient uses to regenerate the mask instead of storing it.
+
+    Args:
+        x: float tensor.
+        rate: float in [0, 1). Fraction of elements set to zero.
+        seed: integer tensor of shape (2,), e.g. `keras.random.SeedGenerator().next()`.
+
+    Example:
+        >>> y = hash_dropout(tf.ones((4, 8, 8, 2)), 0.5, tf.constant([1, 2]))
+        >>> sorted(set(y.numpy().ravel().tolist()))
+        [0.0, 2.0]
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+    x = tf.convert_to_tensor(x)
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    words = tf.cast(tf.bitwise.bitwise_and(seed, _UINT32 - 1), tf.uint32)
+    first = _lowbias32(words[0] + tf.constant(0x9E3779B9, tf.uint32))
+    keys = tf.stack([first, _lowbias32(tf.bitwise.bitwise_xor(words[1], first))])
+    threshold = tf.constant(min(int(round(rate * _UINT32)), _UINT32 - 1), tf.uint32)
+    scale = tf.constant(1.0 / (1.0 - rate), tf.float32)
+
+    @tf.custom_gradient
+    def dropout(inputs):
+        def grad(upstream):
+            return _apply_hash_mask(upstream, keys, threshold, scale)
+
+        return _apply_hash_mask(inputs, keys, threshold, scale), grad
+
+    return dropout(x)
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class FusedDropout(keras.layers.Dropout):
+    """`keras.layers.Dropout` with a one-pass hash mask on the TensorFlow backend.
+
+    Each training call draws a new seed from the layer's seed generator and applies
+    `hash_dropout`; `apply_mask(inputs, seed)` is the same transform for a given seed, for
+    callers that replay a forward pass. `noise_shape` and other backends use Keras' dropout.
+
+    Example:
+        >>> layer = FusedDropout(0.5, seed=1)
+        >>> y = layer(np.ones((2, 8, 8, 4), "float32"), training=True)
+        >>> sorted(set(np.asarray(y).ravel().tolist()))
+        [0.0, 2.0]
+    """
+
+    def apply_mask(self, inputs, seed):
+        """The training-mode output for `seed` (an integer tensor of shape (2,))."""
+        return hash_dropout(inputs, self.rate, seed)
+
+    def call(self, inputs, training=False):
+        if not (training and 0.0 < self.rate < 1.0 and self.noise_shape is None and _on_tensorflow()):
+            return super().call(inputs, training=training)
+        return self.apply_mask(inputs, self.seed_generator.next())
