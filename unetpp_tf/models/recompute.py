@@ -6,8 +6,11 @@ the concatenation of the dense skips (at X(0, 4) five times the width of a node)
 `recompute=True` the model runs each node as one checkpointed segment, from its inputs
 (the skips X(i, 0..j-1) and the smaller X(i+1, j-1) before upsampling) to its output, and
 keeps only the node outputs; the backward pass runs each segment's forward again, one at
-a time, just before it needs its internals. That costs about one more forward pass per
-step and saves most of the activation memory.
+a time, just before it needs its internals. Inside a segment, the convolution that reads
+the concatenation runs as a sum of convolutions over its parts, so neither the
+concatenation nor its gradient is ever materialised. That costs about one more forward
+pass per step and saves most of the activation memory (measured in
+`benchmarks/recompute_memory.py`).
 
 The model is an ordinary functional model with the same layers, weights and names (so
 pruning, saving and export are unchanged); only its training-mode call differs. Layers
@@ -17,7 +20,9 @@ forward applies the same mask; BatchNorm updates its moving statistics once per 
 the first forward pass (the recomputed forward runs in a `keras.StatelessScope`, which
 drops variable updates). Gradients equal the plain model's up to float rounding.
 
-This needs the TensorFlow backend (it uses `tf.custom_gradient`).
+This needs the TensorFlow backend (it uses `tf.custom_gradient`) and walks the functional
+graph through Keras' own node structures, as `Functional.call` does; tests/test_recompute.py
+pins both against the plain model.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def _draw_seed(layer):
 
 def _dropout(layer, x, seed):
     """`layer`'s training-mode dropout of `x` with the mask of `seed`."""
-    if hasattr(layer, "apply_mask"):  # a dropout layer whose mask is a pure function of (x, seed)
+    if hasattr(layer, "apply_mask") and layer.noise_shape is None:  # FusedDropout's own path
         return layer.apply_mask(x, seed)
     return keras.random.dropout(x, layer.rate, noise_shape=layer.noise_shape, seed=_ReplayedSeed(seed))
 
@@ -257,7 +262,7 @@ class RecomputedModel(keras.Model):
 
     Inference (`training=False`) runs the graph exactly as a plain functional model; a
     saved model loads back as a `RecomputedModel` once `unetpp_tf` is imported. Build one
-    with `build_unetpp(..., recompute=True)` or wrap an existing model with `recompute`.
+    with `build_unetpp(..., recompute=True)` or from an existing model with `with_recompute`.
     """
 
     def call(self, inputs, training=None, mask=None, **kwargs):
@@ -280,7 +285,7 @@ class RecomputedModel(keras.Model):
         return result[0] if isinstance(result, (list, tuple)) and len(result) == 1 else result
 
 
-def recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
+def with_recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
     """The same functional model (shared layers and weights) training with or without recomputation.
 
     Args:
@@ -293,9 +298,9 @@ def recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
         model over the same graph.
 
     Example:
-        >>> model = recompute(unetpp_tf.from_preset("paper", input_shape=(256, 256, 1)))
+        >>> model = with_recompute(unetpp_tf.from_preset("paper", input_shape=(256, 256, 1)))
     """
     if isinstance(model, RecomputedModel) == enabled:
         return model
     cls = RecomputedModel if enabled else keras.Model
-    return cls(model.inputs if len(model.inputs) > 1 else model.inputs[0], model.outputs if len(model.outputs) > 1 else model.outputs[0], name=model.name)
+    return cls(model._inputs_struct, model._outputs_struct, name=model.name)
