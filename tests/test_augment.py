@@ -102,7 +102,8 @@ def _identity_model():
 def test_augmentation_runs_inside_the_train_step(settings, zero_loss):
     masks = (np.random.default_rng(0).random((8, 32, 32, 1)) > 0.5).astype(np.int32)
     images = masks.astype(np.float32)  # the identity model predicts the mask from its image
-    wrapper = AugmentedModel(_identity_model(), SegmentationAugmenter(**{"flip": False, "rotate90": False, **settings}, seed=0))
+    augmenter = SegmentationAugmenter(**{"flip": False, "rotate90": False, **settings}, seed=0)
+    wrapper = AugmentedModel(_identity_model(), augmenter)
     wrapper.compile(keras.optimizers.SGD(learning_rate=0.0), loss="mse")
     loss = wrapper.train_on_batch(images, masks)
     # Geometric transforms move image and mask together (loss stays 0); noise changes the image alone.

@@ -61,3 +61,15 @@ def test_evaluate_folder_writes_per_image_csv_with_file_names(tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert len(rows) == metrics["images"] == 2  # 15% of 10 files, rounded
     assert all(row["name"].startswith("cell") and row["name"].endswith(".png") for row in rows)
+
+
+def test_import_silences_native_logs_but_keeps_python_logging():
+    code = (
+        "import unetpp_tf, tensorflow as tf, sys\n"
+        "tf.get_logger().warning('python warning after import')\n"
+        "print('python stderr line', file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "python warning after import" in result.stderr and "python stderr line" in result.stderr
+    assert "Logging error" not in result.stderr  # the handler made during import still writes
+    assert "oneDNN custom operations" not in result.stderr and "cuda drivers" not in result.stderr

@@ -148,7 +148,8 @@ def test_load_model_round_trip_and_errors(tmp_path, rng):
     with pytest.raises(ValueError, match=r"notes.keras is not a readable model"):
         inference.load_model(tmp_path / "notes.keras")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="notes.txt is not a model: pass a .keras file, a .tflite file or a SavedModel"):
+    message = "notes.txt is not a model: pass a .keras file, a .tflite file or a SavedModel"
+    with pytest.raises(ValueError, match=message):
         inference.load_model(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="is not a model"):
         inference.load_model(tmp_path)  # a folder without saved_model.pb

@@ -221,8 +221,7 @@ def test_config_round_trip(cls, multiclass):
 
 
 def test_default_names_and_get():
-    assert [cls().name for cls in CLASSES] == ["dice", "iou", "precision", "recall", "f1",
-                                                "pixel_accuracy"]
+    assert [cls().name for cls in CLASSES] == ["dice", "iou", "precision", "recall", "f1", "pixel_accuracy"]
     for name, cls in zip(["dice", "iou", "precision", "recall", "f1", "pixel_accuracy"],
                          CLASSES):
         metric = metrics.get(name, num_classes=4)

@@ -133,7 +133,8 @@ def test_logits_output_matches_activation(images):
     logits = unetpp_tf.build_unetpp((32, 32, 1), num_classes=3, depth=2, filters=4, output_activation=None)
     logits.set_weights(probs.get_weights())
     z = logits.predict(images, verbose=0)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.softmax(z)), probs.predict(images, verbose=0), atol=1e-5)
+    softmax = keras.ops.convert_to_numpy(keras.ops.softmax(z))
+    np.testing.assert_allclose(softmax, probs.predict(images, verbose=0), atol=1e-5)
     assert z.min() < 0  # raw scores, not probabilities
 
 
@@ -169,8 +170,10 @@ def test_mixed_precision_outputs_float32():
     [
         (dict(depth=0), "depth must be an integer >= 1"),
         (dict(depth=2, filters=(4, 8)), "needs depth + 1 = 3"),
-        (dict(input_shape=(100, 96, 1)), "input height 100 is not divisible by 16 (depth 4); resize or pad to 96 or 112"),
-        (dict(input_shape=(32, 18, 1), depth=2), "input width 18 is not divisible by 4 (depth 2); resize or pad to 16 or 20"),
+        (dict(input_shape=(100, 96, 1)),
+         "input height 100 is not divisible by 16 (depth 4); resize or pad to 96 or 112"),
+        (dict(input_shape=(32, 18, 1), depth=2),
+         "input width 18 is not divisible by 4 (depth 2); resize or pad to 16 or 20"),
         (dict(upsampling="cubic"), "upsampling must be one of"),
         (dict(num_classes=0), "num_classes must be an integer >= 1"),
         (dict(dropout=1.0), "dropout must be in [0, 1)"),

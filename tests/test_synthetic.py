@@ -61,7 +61,8 @@ def test_dataset_splits_and_batches():
 
 def test_training_order_is_seeded_and_reshuffled():
     def first_epoch(seed):
-        return np.concatenate([m.numpy().sum(axis=(1, 2, 3)) for _, m in synthetic(32, image_size=(16, 16), seed=seed).train])
+        data = synthetic(32, image_size=(16, 16), seed=seed)
+        return np.concatenate([m.numpy().sum(axis=(1, 2, 3)) for _, m in data.train])
 
     data = synthetic(32, image_size=(16, 16), seed=0)
     epoch1 = np.concatenate([m.numpy().sum(axis=(1, 2, 3)) for _, m in data.train])

@@ -209,3 +209,21 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["train", *args]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+SHORT_RUN = dict(TINY, num_samples=160, filters=8, epochs=12, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def baseline_dice(tmp_path_factory):
+    run, _ = train(dict(SHORT_RUN, output_dir=str(tmp_path_factory.mktemp("baseline"))), verbose=0)
+    return json.loads((run / "metrics.json").read_text())["test"]["dice"]
+
+
+@pytest.mark.parametrize("option", [{"xla": "on"}, {"mixed_precision": "bf16"}])
+def test_speed_options_reach_the_same_dice(tmp_path, baseline_dice, option):
+    """Same seed, data and schedule: a speed option changes only the arithmetic."""
+    assert baseline_dice > 0.7  # the short run learns the task
+    run, _ = train(dict(SHORT_RUN, output_dir=str(tmp_path), **option), verbose=0)
+    dice = json.loads((run / "metrics.json").read_text())["test"]["dice"]
+    assert dice == pytest.approx(baseline_dice, abs=0.04)

@@ -24,7 +24,8 @@ def test_figures_return_and_save(tmp_path):
     fig = viz.plot_samples(data.train, num=5, path=tmp_path / "samples.png", title="train")
     assert isinstance(fig, Figure) and len(fig.axes) == 10
     image, mask = (t.numpy() for t in unetpp_tf.data.synthetic_sample(0, image_size=(32, 32)))
-    fig = viz.plot_augmentation(image, mask, SegmentationAugmenter(rotation=0.1, seed=0), draws=3, path=tmp_path / "aug.png")
+    augmenter = SegmentationAugmenter(rotation=0.1, seed=0)
+    fig = viz.plot_augmentation(image, mask, augmenter, draws=3, path=tmp_path / "aug.png")
     assert len(fig.axes) == 8
     stats = unetpp_tf.data.dataset_statistics(data.train)
     fig = viz.plot_statistics(stats, path=tmp_path / "stats.png")

@@ -13,6 +13,10 @@ import contextlib
 import os
 import sys
 
+# Python-level stderr while descriptor 2 is silenced. Handlers created meanwhile (TensorFlow
+# makes its logger's handler on import) keep this object, so it stays open for the process.
+_python_stderr = {}
+
 
 @contextlib.contextmanager
 def native_stderr_silenced():
@@ -35,12 +39,20 @@ def native_stderr_silenced():
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    target = _target(saved)
+    if target not in _python_stderr:
+        _python_stderr[target] = os.fdopen(os.dup(saved), "w", buffering=1)
+    sys.stderr = _python_stderr[target]
     try:
         yield
     finally:
         sys.stderr.flush()
-        sys.stderr.close()
         sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _target(descriptor: int) -> tuple:
+    """What `descriptor` points at (device, inode), so one stream serves each target."""
+    info = os.fstat(descriptor)
+    return info.st_dev, info.st_ino

@@ -136,7 +136,8 @@ def _data_for(args, model_path: str):
     """The data to evaluate on: flags if given, else the data of the model's run."""
     from unetpp_tf.training import load_data
 
-    values = {k: v for k, v in _run_config(model_path).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in _run_config(model_path).items() if k in known}
     for name in ("data", "images", "masks", "seed", "batch_size", "num_samples", "task"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)

@@ -164,8 +164,9 @@ class SegmentationAugmenter(keras.layers.Layer):
             y, x = y / scale, x / scale
         rows, cols = y + center_y, x + center_x
         if s["translation"]:
-            rows = rows - self._uniform(batch, -s["translation"], s["translation"])[..., 0] * ops.cast(height, "float32")
-            cols = cols - self._uniform(batch, -s["translation"], s["translation"])[..., 0] * ops.cast(width, "float32")
+            shift = s["translation"]
+            rows = rows - self._uniform(batch, -shift, shift)[..., 0] * ops.cast(height, "float32")
+            cols = cols - self._uniform(batch, -shift, shift)[..., 0] * ops.cast(width, "float32")
         if s["elastic"]:
             coarse = keras.random.normal((batch, 6, 6, 2), seed=self.seed_generator)
             field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * s["elastic"]
@@ -192,7 +193,8 @@ class SegmentationAugmenter(keras.layers.Layer):
             channels = images.shape[-1]
             vertical = ops.tile(ops.reshape(taps, (-1, 1, 1, 1)), (1, 1, channels, 1))
             horizontal = ops.tile(ops.reshape(taps, (1, -1, 1, 1)), (1, 1, channels, 1))
-            blurred = ops.depthwise_conv(ops.depthwise_conv(images, vertical, padding="same"), horizontal, padding="same")
+            blurred = ops.depthwise_conv(images, vertical, padding="same")
+            blurred = ops.depthwise_conv(blurred, horizontal, padding="same")
             apply = self._uniform(batch, 0.0, 1.0) < s["blur"]
             images = ops.where(apply, blurred, images)
         if s["value_range"] is not None:

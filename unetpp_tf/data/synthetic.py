@@ -102,7 +102,8 @@ def synthetic_sample(index, *, seed: int = 0, image_size=(96, 96), task: str = "
     background = 0.05 + 0.4 * _smooth_field(seed, 10, height, width, 3)
     image = _gaussian_blur(background + objects, 1.0)
     noise_level = _uniform(seed, 11, (), 0.02, 0.08)
-    image = image + noise_level * tf.random.stateless_normal((height, width), tf.random.experimental.stateless_fold_in(seed, 12))
+    noise_seed = tf.random.experimental.stateless_fold_in(seed, 12)
+    image = image + noise_level * tf.random.stateless_normal((height, width), noise_seed)
     image = tf.clip_by_value(image, 0.0, 1.0)[:, :, None]
     if channels == 3:
         tint = _uniform(seed, 13, (3,), 0.7, 1.0)
