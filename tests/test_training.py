@@ -143,7 +143,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         import json, unetpp_tf
         from unetpp_tf.training import make_strategy
         assert make_strategy("mirrored").num_replicas_in_sync == 2
-        run, history = unetpp_tf.train(dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored"), verbose=0)
+        run, history = unetpp_tf.train(dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored",
+                                            dropout=0.2), verbose=0)  # fused BN and dropout per replica
         print(json.dumps(history["loss"]))
         """
     )
