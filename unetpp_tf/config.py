@@ -77,6 +77,7 @@ class TrainConfig:
     early_stopping: int = 0
     mixed_precision: str = "none"
     xla: str = "auto"
+    recompute: bool = False
     strategy: str = "auto"
     # outputs
     export_saved_model: bool = True

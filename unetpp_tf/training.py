@@ -98,7 +98,7 @@ def model_from_config(config: TrainConfig, channels: int, num_classes: int) -> k
     Example:
         >>> model = model_from_config(TrainConfig(filters=8, depth=3), channels=1, num_classes=1)
     """
-    shape = dict(input_shape=(None, None, channels), num_classes=num_classes)
+    shape = dict(input_shape=(None, None, channels), num_classes=num_classes, recompute=config.recompute)
     if config.arch == "unetpp":
         shape["deep_supervision"] = config.deep_supervision
     if config.preset:

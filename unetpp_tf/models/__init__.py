@@ -1,15 +1,17 @@
-"""UNet++ and U-Net builders, presets and inference-time pruning."""
+"""UNet++ and U-Net builders, presets, inference-time pruning and training with recomputation."""
 
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
+from unetpp_tf.models.recompute import RecomputedModel, with_recompute
 from unetpp_tf.models.unetpp import build_unet, build_unetpp
 
 __all__ = [
     "ARCHITECTURES",
     "INFERENCE_MODES",
     "PRESETS",
+    "RecomputedModel",
     "build_model",
     "build_unet",
     "build_unetpp",
@@ -22,4 +24,5 @@ __all__ = [
     "size_divisor",
     "supervision_heads",
     "upsample",
+    "with_recompute",
 ]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import keras
 
 from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
+from unetpp_tf.models.recompute import RecomputedModel
 
 
 def _check_depth(depth) -> None:
@@ -96,6 +97,7 @@ def _build(
     output_activation,
     width_multiplier: float,
     name: str,
+    recompute: bool = False,
 ) -> keras.Model:
     _check_depth(depth)
     widths = _resolve_widths(filters, depth, width_multiplier)
@@ -148,7 +150,7 @@ def _build(
         )
 
     outputs = [head(j) for j in range(1, depth + 1)] if deep_supervision else head(depth)
-    return keras.Model(inputs, outputs, name=name)
+    return (RecomputedModel if recompute else keras.Model)(inputs, outputs, name=name)
 
 
 def build_unetpp(
@@ -166,6 +168,7 @@ def build_unetpp(
     kernel_initializer: str = "he_normal",
     output_activation="auto",
     width_multiplier: float = 1.0,
+    recompute: bool = False,
     name: str = "unetpp",
 ) -> keras.Model:
     """Build a UNet++ (nested U-Net) as a functional `keras.Model`.
@@ -197,6 +200,10 @@ def build_unetpp(
             Defaults to "auto".
         width_multiplier: float. Scales every width (e.g. 0.5 for half width).
             Defaults to 1.0.
+        recompute: bool. Train with recomputation: keep only the node outputs for the
+            backward pass and run each node's forward again there, for much less
+            training memory at about 0.8x the speed (`unetpp_tf.models.recompute`).
+            Inference and saved models are unaffected. Defaults to False.
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
@@ -222,6 +229,7 @@ def build_unetpp(
         output_activation=output_activation,
         width_multiplier=width_multiplier,
         name=name,
+        recompute=recompute,
     )
 
 
@@ -247,7 +255,7 @@ def build_unet(
         name: str. Model name. Defaults to "unet".
         **options: the keyword options of `build_unetpp` (batch_norm, dropout, l2,
             upsampling, activation, kernel_initializer, output_activation,
-            width_multiplier).
+            width_multiplier, recompute).
 
     Example:
         >>> wide = build_unet((96, 96, 1), filters=(35, 70, 140, 280, 560))

@@ -1,0 +1,112 @@
+"""Peak training memory and speed of UNet++ with and without recomputation.
+
+For the paper-width UNet++ (filters 32..512, 9.04M parameters) at 256x256 batch 4, with
+BatchNorm (dropout 0, the library default) and without (dropout 0.5, the paper), and
+optionally at 96x96 batch 16, this prints one table: for the plain model and for
+`recompute=True`, the peak resident memory of a process that only trains that model
+(`ru_maxrss`), the floor (the peak before the first training step: TensorFlow, the model,
+its weights and the Adam slots) and the part above it (activations and the backward pass),
+the ratio of the two peaks and the training images/s. Each configuration runs in its own
+process so its peak memory is its own.
+
+Usage:
+    python benchmarks/recompute_memory.py               # 256x256 batch 4, BN on and off (~4 min)
+    python benchmarks/recompute_memory.py --with-96     # and 96x96 batch 16
+    python benchmarks/recompute_memory.py --quick       # 16 filters, 2 timed steps: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def measure(spec: dict) -> dict:
+    """Train one configuration for a few steps in this process and return its figures."""
+    import keras
+
+    import unetpp_tf
+
+    keras.utils.set_random_seed(0)
+    size, batch, filters = spec["size"], spec["batch"], spec["filters"]
+    model = unetpp_tf.from_preset(
+        "paper", input_shape=(size, size, 1), filters=tuple(filters * 2**i for i in range(5)),
+        batch_norm=spec["batch_norm"], dropout=0.0 if spec["batch_norm"] else 0.5, recompute=spec["recompute"],
+    )
+    model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=False)
+    model.optimizer.build(model.trainable_variables)  # the Adam slots belong to the floor
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, size, size, 1), dtype=np.float32)
+    masks = (images > 0.5).astype(np.int32)
+    floor = _peak_gb()
+    model.train_on_batch(images, masks)  # trace and warm up
+    model.train_on_batch(images, masks)
+    samples = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        model.train_on_batch(images, masks)
+        samples.append(time.perf_counter() - start)
+    return {**spec, "floor_gb": floor, "peak_gb": _peak_gb(), "train_images_s": batch / float(np.median(samples))}
+
+
+def run_isolated(spec: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--with-96", action="store_true", help="also 96x96 batch 16")
+    parser.add_argument("--batch-norm", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help="16 filters and 2 timed steps: a smoke run")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps after two warm-up steps")
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(measure(json.loads(args.single))))
+        return
+
+    filters, steps = (16, 2) if args.quick else (32, args.steps)
+    configs = [(256, 4)] + ([(96, 16)] if args.with_96 else [])
+    norms = [True, False] if args.batch_norm == "both" else [args.batch_norm == "on"]
+    rows = []
+    for size, batch in configs:
+        for batch_norm in norms:
+            spec = dict(size=size, batch=batch, filters=filters, batch_norm=batch_norm, steps=steps)
+            plain, recomputed = (run_isolated({**spec, "recompute": flag}) for flag in (False, True))
+            rows.append((plain, recomputed))
+
+    print(f"UNet++ paper preset, filters {tuple(filters * 2**i for i in range(5))}, Adam, BCE+Dice, XLA off")
+    print("peak = ru_maxrss of a process training only that model; floor = peak before the first step")
+    print("(TensorFlow, model, weights, Adam slots); above floor = peak - floor.\n")
+    header = (f"{'input, batch':>13} {'BN':>3} {'drop':>4} | {'floor':>5} | {'peak plain':>10} {'recompute':>9} "
+              f"{'change':>6} | {'above floor: plain':>18} {'recompute':>9} {'change':>6} | "
+              f"{'img/s plain':>11} {'recompute':>9} {'speed':>5}")
+    print(header)
+    print("-" * len(header))
+    for plain, rec in rows:
+        above_plain, above_rec = plain["peak_gb"] - plain["floor_gb"], rec["peak_gb"] - rec["floor_gb"]
+        print(f"{plain['size']:>5}^2, {plain['batch']:>3} {'on' if plain['batch_norm'] else 'off':>4} "
+              f"{0.0 if plain['batch_norm'] else 0.5:>4} | {plain['floor_gb']:>5.2f} | "
+              f"{plain['peak_gb']:>7.2f} GB {rec['peak_gb']:>6.2f} GB {rec['peak_gb'] / plain['peak_gb'] - 1:>+6.0%} | "
+              f"{above_plain:>15.2f} GB {above_rec:>6.2f} GB {above_rec / above_plain - 1:>+6.0%} | "
+              f"{plain['train_images_s']:>11.2f} {rec['train_images_s']:>9.2f} "
+              f"{rec['train_images_s'] / plain['train_images_s']:>4.2f}x")
+
+
+if __name__ == "__main__":
+    main()
