@@ -16,7 +16,9 @@ import unetpp_tf
 from unetpp_tf.config import TrainConfig, load_config
 from unetpp_tf.training import TrainingDiverged, train
 
-TINY = dict(num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, export_saved_model=False, export_tflite=False)
+TINY = dict(
+    num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, export_saved_model=False, export_tflite=False
+)
 
 
 def _history_epochs(run):
@@ -65,7 +67,8 @@ def test_bad_config_files(tmp_path):
 def test_train_writes_a_complete_run(tmp_path):
     run, history = train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=2), verbose=0)
     assert run == tmp_path / "run"
-    for name in ("config.json", "model.keras", "history.csv", "metrics.json", "figures/curves.png", "figures/predictions.png"):
+    for name in ("config.json", "model.keras", "history.csv", "metrics.json",
+                 "figures/curves.png", "figures/predictions.png"):
         assert (run / name).is_file(), name
     assert not (run / "backup").exists()  # removed once the run finished
     assert len(history["loss"]) == 2 and "val_output_2_dice" in history
@@ -143,8 +146,9 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         import json, unetpp_tf
         from unetpp_tf.training import make_strategy
         assert make_strategy("mirrored").num_replicas_in_sync == 2
-        run, history = unetpp_tf.train(dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored",
-                                            dropout=0.2), verbose=0)  # fused BN and dropout per replica
+        config = dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored",
+                      dropout=0.2)  # fused BN and dropout per replica
+        run, history = unetpp_tf.train(config, verbose=0)
         print(json.dumps(history["loss"]))
         """
     )
@@ -172,7 +176,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     from unetpp_tf.cli import main
 
     args = ["--output-dir", str(tmp_path), "--name", "e2e", "--num-samples", "40", "--image-size", "32", "--depth", "2",
-            "--filters", "4", "--epochs", "1", "--batch-size", "8", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
+            "--filters", "4", "--epochs", "1", "--batch-size", "8", "--quiet",
+            "--no-export-saved-model", "--no-export-tflite"]
     assert main(["train", *args]) == 0
     assert "test: dice" in capsys.readouterr().out
     run = tmp_path / "e2e"
@@ -197,7 +202,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "model_float32" in table and "saved_model" in table
     tflite_out = tmp_path / "tflite_masks"
-    assert main(["predict", "--model", str(exported / "model_float32.tflite"), str(images), "--output", str(tflite_out)]) == 0
+    tflite = exported / "model_float32.tflite"
+    assert main(["predict", "--model", str(tflite), str(images), "--output", str(tflite_out)]) == 0
     keras_tiled = tmp_path / "keras_tiled"  # the 32x32 TFLite file tiles; so must Keras to compare
     assert main(["predict", "--model", str(run), str(images), "--output", str(keras_tiled), "--tile-size", "32"]) == 0
     tiled = np.asarray(Image.open(keras_tiled / "cell.png"))

@@ -346,10 +346,15 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         for stale in ("history.csv", "best.json", "model.keras", "metrics.json"):
             (run / stale).unlink(missing_ok=True)
     train_set, val_set = targets_per_head(data.train, model), targets_per_head(data.val, model)
-    trainer.fit(train_set, validation_data=val_set, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
+    trainer.fit(
+        train_set, validation_data=val_set, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
+    )
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
-        kept = f"the last good model is {run / 'model.keras'}" if (run / "model.keras").exists() else "no epoch finished, so no model was kept"
+        if (run / "model.keras").exists():
+            kept = f"the last good model is {run / 'model.keras'}"
+        else:
+            kept = "no epoch finished, so no model was kept"
         raise TrainingDiverged(
             f"loss became NaN at epoch {epoch}, batch {batch}; training stopped and {kept}. "
             "Lower --learning-rate, set --clipnorm, or check the data for bad values."
@@ -378,7 +383,8 @@ def _finish(config: TrainConfig, data: SegmentationData, run: Path, history: dic
     images, masks = next(iter(data.test))
     probabilities = as_single_output(best).predict(images, verbose=0)
     viz.plot_predictions(images, masks, probabilities, path=figures / "predictions.png")
-    formats = [name for name, wanted in (("saved_model", config.export_saved_model), ("tflite", config.export_tflite)) if wanted]
+    wanted = {"saved_model": config.export_saved_model, "tflite": config.export_tflite}
+    formats = [name for name, on in wanted.items() if on]
     if formats:
         from unetpp_tf.export import export_model  # deferred: it pulls in the TFLite converter
 
@@ -386,5 +392,6 @@ def _finish(config: TrainConfig, data: SegmentationData, run: Path, history: dic
             best, run / "export", formats=formats, image_size=config.crop_size or data.image_size,
             samples=data.test.take(2),
         )
-        record["export"] = {a["name"]: {k: a[k] for k in ("path", "size_bytes", "dice_agreement")} for a in report["artifacts"]}
+        fields = ("path", "size_bytes", "dice_agreement")
+        record["export"] = {a["name"]: {k: a[k] for k in fields} for a in report["artifacts"]}
     write_metrics_json(record, run / "metrics.json")

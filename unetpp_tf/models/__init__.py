@@ -4,13 +4,14 @@ from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
-from unetpp_tf.models.recompute import RecomputedModel, with_recompute
+from unetpp_tf.models.nested_model import NestedModel, RecomputedModel, with_recompute
 from unetpp_tf.models.unetpp import build_unet, build_unetpp
 
 __all__ = [
     "ARCHITECTURES",
     "INFERENCE_MODES",
     "PRESETS",
+    "NestedModel",
     "RecomputedModel",
     "build_model",
     "build_unet",

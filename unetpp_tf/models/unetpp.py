@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import keras
 
 from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
-from unetpp_tf.models.recompute import RecomputedModel
+from unetpp_tf.models.nested_model import NestedModel, RecomputedModel
 
 
 def _check_depth(depth) -> None:
@@ -150,7 +150,7 @@ def _build(
         )
 
     outputs = [head(j) for j in range(1, depth + 1)] if deep_supervision else head(depth)
-    return (RecomputedModel if recompute else keras.Model)(inputs, outputs, name=name)
+    return (RecomputedModel if recompute else NestedModel)(inputs, outputs, name=name)
 
 
 def build_unetpp(
@@ -202,12 +202,13 @@ def build_unetpp(
             Defaults to 1.0.
         recompute: bool. Train with recomputation: keep only the node outputs for the
             backward pass and run each node's forward again there, for much less
-            training memory at about 0.8x the speed (`unetpp_tf.models.recompute`).
+            training memory at about 0.8x the speed (`unetpp_tf.models.nested_model`).
             Inference and saved models are unaffected. Defaults to False.
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
-        keras.Model: the uncompiled model.
+        keras.Model: the uncompiled functional model, a `NestedModel` (or
+        `RecomputedModel`), which trains without materialising the concatenations.
 
     Example:
         >>> model = build_unetpp((96, 96, 1), depth=4, filters=32, deep_supervision=True)

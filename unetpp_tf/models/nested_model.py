@@ -1,28 +1,29 @@
-"""Recomputation: train the nested U-Net keeping only the node outputs for the backward pass.
+"""The model class the builders return: a functional model that trains node by node.
 
-A plain training step keeps every intermediate of every node X(i, j) alive until the
-backward pass reaches it: both convolutions' outputs, their activations, dropout masks and
-the concatenation of the dense skips (at X(0, 4) five times the width of a node). With
-`recompute=True` the model runs each node as one checkpointed segment, from its inputs
-(the skips X(i, 0..j-1) and the smaller X(i+1, j-1) before upsampling) to its output, and
-keeps only the node outputs; the backward pass runs each segment's forward again, one at
-a time, just before it needs its internals. Inside a segment, the convolution that reads
-the concatenation runs as a sum of convolutions over its parts, so neither the
-concatenation nor its gradient is ever materialised. That costs about one more forward
-pass per step and saves most of the activation memory (measured in
-`benchmarks/recompute_memory.py`).
+Every UNet++ node X(i, j) convolves the concatenation of its dense skips and the upsampled
+node below (at X(0, 4) five node widths). Materialising that concatenation costs a copy
+forward and a slice of its gradient per input backward. `NestedModel` runs training node
+by node instead: the first convolution of a node reads the parts of its concatenation
+directly, as a sum of convolutions with the matching kernel slices, so neither the
+concatenation nor its gradient is ever built (measured 4-9% faster training at paper
+widths, `benchmarks/model_throughput.py`). The layers, weights, names and the inference
+graph are those of the plain functional model, so pruning, saving and export are unchanged.
 
-The model is an ordinary functional model with the same layers, weights and names (so
-pruning, saving and export are unchanged); only its training-mode call differs. Layers
-belong to the segment of the node their name starts with (`x_{i}_{j}_...`); the heads run
-as usual. Dropout draws its seed once per step, outside the segment, and the recomputed
-forward applies the same mask; BatchNorm updates its moving statistics once per step, in
-the first forward pass (the recomputed forward runs in a `keras.StatelessScope`, which
-drops variable updates). Gradients equal the plain model's up to float rounding.
+`RecomputedModel` trades compute for memory on top of that: each node is one checkpointed
+segment, from its inputs (the skips X(i, 0..j-1) and the smaller X(i+1, j-1) before
+upsampling) to its output, and only node outputs are kept for the backward pass, which
+runs each segment's forward again, one at a time, just before it needs its internals.
+That costs about one more forward pass per step and saves most of the activation memory
+(`benchmarks/recompute_memory.py`). Dropout draws its seed once per step, outside the
+segment, and the recomputed forward applies the same mask; BatchNorm updates its moving
+statistics once per step, in the first forward pass (the recomputed forward runs in a
+`keras.StatelessScope`, which drops variable updates). Gradients equal the plain model's
+up to float rounding.
 
-This needs the TensorFlow backend (it uses `tf.custom_gradient`) and walks the functional
-graph through Keras' own node structures, as `Functional.call` does; tests/test_recompute.py
-pins both against the plain model.
+Layers belong to the segment of the node their name starts with (`x_{i}_{j}_...`); the
+heads run as usual. This needs the TensorFlow backend (`tf.custom_gradient`) and walks the
+functional graph through Keras' own node structures, as `Functional.call` does;
+tests/test_nested_model.py pins both against the plain functional model.
 """
 
 from __future__ import annotations
@@ -257,32 +258,47 @@ def _checkpointed(segment: _Segment, seeds: dict):
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
-class RecomputedModel(keras.Model):
-    """A functional model that trains with recomputation (see the module docstring).
+class NestedModel(keras.Model):
+    """A functional model whose training call skips materialising concatenations.
 
     Inference (`training=False`) runs the graph exactly as a plain functional model; a
-    saved model loads back as a `RecomputedModel` once `unetpp_tf` is imported. Build one
-    with `build_unetpp(..., recompute=True)` or from an existing model with `with_recompute`.
+    saved model loads back as this class once `unetpp_tf` is imported. The builders
+    return one; `with_recompute(model, False)` makes one from any functional UNet++.
     """
+
+    recompute = False
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         if not training or mask is not None or kwargs:
             return super().call(inputs, training=training, mask=mask, **kwargs)
-        if not hasattr(self, "_recompute_plan"):
-            self._recompute_plan = _plan(self)
+        if not hasattr(self, "_training_plan"):
+            self._training_plan = _plan(self)
         flat = tree.flatten(self._standardize_inputs(inputs))
         tensors = {id(t): v for t, v in zip(self.inputs, flat)}
-        for step in self._recompute_plan:
+        for step in self._training_plan:
             if not isinstance(step, _Segment):
                 _run_nodes([step], tensors, {})
-                continue
-            seeds = {id(layer): _draw_seed(layer) for layer in step.dropouts}
-            outputs = _checkpointed(step, seeds)(*[tensors[id(t)] for t in step.inputs])
-            for t, value in zip(step.outputs, outputs):
-                tensors[id(t)] = value
+            elif not self.recompute:
+                _run_nodes(step.nodes, tensors, {}, step.fused)
+            else:
+                seeds = {id(layer): _draw_seed(layer) for layer in step.dropouts}
+                outputs = _checkpointed(step, seeds)(*[tensors[id(t)] for t in step.inputs])
+                for t, value in zip(step.outputs, outputs):
+                    tensors[id(t)] = value
         outputs = [tensors[id(t)] for t in self.outputs]
         result = tree.pack_sequence_as(self._outputs_struct, outputs)
         return result[0] if isinstance(result, (list, tuple)) and len(result) == 1 else result
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class RecomputedModel(NestedModel):
+    """A `NestedModel` that trains with recomputation (see the module docstring).
+
+    Build one with `build_unetpp(..., recompute=True)` or from an existing model with
+    `with_recompute`.
+    """
+
+    recompute = True
 
 
 def with_recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
@@ -290,7 +306,7 @@ def with_recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
 
     Args:
         model: keras.Model. A functional model, e.g. from `build_unetpp`.
-        enabled: bool. True returns a `RecomputedModel`, False a plain functional model.
+        enabled: bool. True returns a `RecomputedModel`, False a `NestedModel`.
             Defaults to True.
 
     Returns:
@@ -300,7 +316,7 @@ def with_recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
     Example:
         >>> model = with_recompute(unetpp_tf.from_preset("paper", input_shape=(256, 256, 1)))
     """
-    if isinstance(model, RecomputedModel) == enabled:
+    cls = RecomputedModel if enabled else NestedModel
+    if type(model) is cls:
         return model
-    cls = RecomputedModel if enabled else keras.Model
     return cls(model._inputs_struct, model._outputs_struct, name=model.name)

@@ -1,4 +1,5 @@
-"""Recomputation trains the same model: equal gradients, one BatchNorm update, same fit, same files."""
+"""Node-by-node training (concatenation-free, optionally recomputed) trains the same model as the
+plain functional graph: equal gradients, one BatchNorm update, same fit, same files."""
 
 import keras
 import numpy as np
@@ -7,8 +8,8 @@ import tensorflow as tf
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig
-from unetpp_tf.models import recompute as recompute_module
-from unetpp_tf.models.recompute import RecomputedModel, with_recompute
+from unetpp_tf.models import nested_model as recompute_module
+from unetpp_tf.models.nested_model import NestedModel, RecomputedModel, with_recompute
 from unetpp_tf.training import model_from_config
 
 VARIANTS = {"bn": dict(batch_norm=True, dropout=0.0), "paper": dict(batch_norm=False, dropout=0.5),
@@ -18,6 +19,11 @@ VARIANTS = {"bn": dict(batch_norm=True, dropout=0.0), "paper": dict(batch_norm=F
 def _tiny(**options):
     keras.utils.set_random_seed(1)
     return unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, deep_supervision=True, **options)
+
+
+def _functional(model):
+    """The plain Keras functional model over the same layers: the reference graph."""
+    return keras.Model(model._inputs_struct, model._outputs_struct, name=model.name)
 
 
 def _state(model):
@@ -47,11 +53,13 @@ def _gradients(model, images):
     return float(loss), [g.numpy() for g in grads], moving
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradients_and_statistics_equal_the_plain_model(variant, images):
-    plain = _tiny(**VARIANTS[variant])
-    recomputed = with_recompute(plain)  # the same layers and weights
-    assert isinstance(recomputed, RecomputedModel) and recomputed.layers == plain.layers
+def test_gradients_and_statistics_equal_the_plain_model(variant, recompute, images):
+    plain = _functional(_tiny(**VARIANTS[variant]))
+    recomputed = with_recompute(plain, recompute)  # the same layers and weights
+    assert type(recomputed) is (RecomputedModel if recompute else NestedModel)
+    assert recomputed.layers == plain.layers
     start = _state(plain)
     before = [v.numpy() for v in plain.non_trainable_variables]
     loss, grads, moving = _gradients(plain, images)
@@ -99,7 +107,7 @@ def test_inference_is_the_plain_graph(images):
     recomputed = with_recompute(plain)
     for a, b in zip(plain(images, training=False), recomputed(images, training=False)):
         np.testing.assert_array_equal(a, b)
-    assert type(with_recompute(recomputed, enabled=False)) is not RecomputedModel
+    assert type(with_recompute(recomputed, enabled=False)) is NestedModel
     assert with_recompute(recomputed) is recomputed
 
 
@@ -109,6 +117,7 @@ def test_short_fit_reaches_the_same_loss_and_dice():
         keras.utils.set_random_seed(1)  # the global seed also orders the shuffled batches
         data = unetpp_tf.data.synthetic(64, image_size=(32, 32), batch_size=8, seed=3)
         model = _tiny(batch_norm=True, dropout=0.2, recompute=flag)
+        model = model if flag else _functional(model)  # recomputed against the plain graph
         final = model.output_names[-1]
         model.compile(keras.optimizers.Adam(1e-2), loss=unetpp_tf.losses.BCEDiceLoss(),
                       metrics={final: [unetpp_tf.metrics.Dice()]})
@@ -139,7 +148,7 @@ def test_save_load_and_export(images, tmp_path):
 def test_options_reach_the_model():
     assert isinstance(model_from_config(TrainConfig(depth=2, filters=4, recompute=True), 1, 1), RecomputedModel)
     assert isinstance(model_from_config(TrainConfig(preset="paper", recompute=True), 1, 1), RecomputedModel)
-    assert type(model_from_config(TrainConfig(depth=2, filters=4), 1, 1)) is not RecomputedModel
+    assert type(model_from_config(TrainConfig(depth=2, filters=4), 1, 1)) is NestedModel
     assert isinstance(unetpp_tf.build_unet((32, 32, 1), depth=2, filters=4, recompute=True), RecomputedModel)
     from unetpp_tf.cli import build_parser
 
