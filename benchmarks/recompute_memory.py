@@ -2,15 +2,16 @@
 
 For the paper-width UNet++ (filters 32..512, 9.04M parameters) at 256x256 batch 4, with
 BatchNorm (dropout 0, the library default) and without (dropout 0.5, the paper), and
-optionally at 96x96 batch 16, this prints one table: for the plain model and for
-`recompute=True`, the peak resident memory of a process that only trains that model
-(`ru_maxrss`), the floor (the peak before the first training step: TensorFlow, the model,
-its weights and the Adam slots) and the part above it (activations and the backward pass),
-the ratio of the two peaks and the training images/s. Each configuration runs in its own
-process so its peak memory is its own.
+optionally at 96x96 batch 16, this prints one table for three builds of the same model:
+the plain Keras functional graph, the default `NestedModel` (no materialised
+concatenations) and `recompute=True`. For each: the peak resident memory of a process that
+only trains that model (`ru_maxrss`), the floor (the peak before the first training step:
+TensorFlow, the model, its weights and the Adam slots) and the part above it (activations
+and the backward pass), the ratios of the peaks and the training images/s. Each
+configuration runs in its own process so its peak memory is its own.
 
 Usage:
-    python benchmarks/recompute_memory.py               # 256x256 batch 4, BN on and off (~4 min)
+    python benchmarks/recompute_memory.py               # 256x256 batch 4, BN on and off (~6 min)
     python benchmarks/recompute_memory.py --with-96     # and 96x96 batch 16
     python benchmarks/recompute_memory.py --quick       # 16 filters, 2 timed steps: a smoke run
 """
@@ -25,6 +26,8 @@ import sys
 import time
 
 import numpy as np
+
+BUILDS = ("functional", "nested", "recompute")
 
 
 def _peak_gb() -> float:
@@ -41,8 +44,11 @@ def measure(spec: dict) -> dict:
     size, batch, filters = spec["size"], spec["batch"], spec["filters"]
     model = unetpp_tf.from_preset(
         "paper", input_shape=(size, size, 1), filters=tuple(filters * 2**i for i in range(5)),
-        batch_norm=spec["batch_norm"], dropout=0.0 if spec["batch_norm"] else 0.5, recompute=spec["recompute"],
+        batch_norm=spec["batch_norm"], dropout=0.0 if spec["batch_norm"] else 0.5,
+        recompute=spec["build"] == "recompute",
     )
+    if spec["build"] == "functional":
+        model = keras.Model(model._inputs_struct, model._outputs_struct, name=model.name)
     model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=False)
     model.optimizer.build(model.trainable_variables)  # the Adam slots belong to the floor
     rng = np.random.default_rng(0)
@@ -87,25 +93,28 @@ def main() -> None:
     for size, batch in configs:
         for batch_norm in norms:
             spec = dict(size=size, batch=batch, filters=filters, batch_norm=batch_norm, steps=steps)
-            plain, recomputed = (run_isolated({**spec, "recompute": flag}) for flag in (False, True))
-            rows.append((plain, recomputed))
+            rows.append({build: run_isolated({**spec, "build": build}) for build in BUILDS})
 
     print(f"UNet++ paper preset, filters {tuple(filters * 2**i for i in range(5))}, Adam, BCE+Dice, XLA off")
     print("peak = ru_maxrss of a process training only that model; floor = peak before the first step")
-    print("(TensorFlow, model, weights, Adam slots); above floor = peak - floor.\n")
-    header = (f"{'input, batch':>13} {'BN':>3} {'drop':>4} | {'floor':>5} | {'peak plain':>10} {'recompute':>9} "
-              f"{'change':>6} | {'above floor: plain':>18} {'recompute':>9} {'change':>6} | "
-              f"{'img/s plain':>11} {'recompute':>9} {'speed':>5}")
+    print("(TensorFlow, model, weights, Adam slots); above floor = peak - floor; changes are recompute's.")
+    print("builds: functional = plain Keras graph, default = NestedModel, recompute = recompute=True\n")
+    header = (f"{'input, batch':>13} {'BN':>3} {'drop':>4} | {'floor':>5} | {'functional':>10} {'default':>7} "
+              f"{'recompute':>9} | {'vs default':>10} {'vs funct.':>9} | {'above floor: default':>20} "
+              f"{'recompute':>9} {'change':>6} | {'img/s default':>13} {'recompute':>9} {'speed':>5}")
     print(header)
     print("-" * len(header))
-    for plain, rec in rows:
-        above_plain, above_rec = plain["peak_gb"] - plain["floor_gb"], rec["peak_gb"] - rec["floor_gb"]
-        print(f"{plain['size']:>5}^2, {plain['batch']:>3} {'on' if plain['batch_norm'] else 'off':>4} "
-              f"{0.0 if plain['batch_norm'] else 0.5:>4} | {plain['floor_gb']:>5.2f} | "
-              f"{plain['peak_gb']:>7.2f} GB {rec['peak_gb']:>6.2f} GB {rec['peak_gb'] / plain['peak_gb'] - 1:>+6.0%} | "
-              f"{above_plain:>15.2f} GB {above_rec:>6.2f} GB {above_rec / above_plain - 1:>+6.0%} | "
-              f"{plain['train_images_s']:>11.2f} {rec['train_images_s']:>9.2f} "
-              f"{rec['train_images_s'] / plain['train_images_s']:>4.2f}x")
+    for r in rows:
+        functional, default, rec = r["functional"], r["nested"], r["recompute"]
+        above_default, above_rec = default["peak_gb"] - default["floor_gb"], rec["peak_gb"] - rec["floor_gb"]
+        print(f"{default['size']:>5}^2, {default['batch']:>3} {'on' if default['batch_norm'] else 'off':>4} "
+              f"{0.0 if default['batch_norm'] else 0.5:>4} | {default['floor_gb']:>5.2f} | "
+              f"{functional['peak_gb']:>7.2f} GB {default['peak_gb']:>4.2f} GB {rec['peak_gb']:>6.2f} GB | "
+              f"{rec['peak_gb'] / default['peak_gb'] - 1:>+10.0%} "
+              f"{rec['peak_gb'] / functional['peak_gb'] - 1:>+9.0%} | "
+              f"{above_default:>17.2f} GB {above_rec:>6.2f} GB {above_rec / above_default - 1:>+6.0%} | "
+              f"{default['train_images_s']:>13.2f} {rec['train_images_s']:>9.2f} "
+              f"{rec['train_images_s'] / default['train_images_s']:>4.2f}x")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig, load_config
-from unetpp_tf.training import TrainingDiverged, train
+from unetpp_tf.training import TrainingDiverged, replica_batches, train
 
 TINY = dict(
     num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, export_saved_model=False, export_tflite=False
@@ -146,8 +146,9 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         import json, unetpp_tf
         from unetpp_tf.training import make_strategy
         assert make_strategy("mirrored").num_replicas_in_sync == 2
+        # 48 images: a validation split of 7, one batch that 2 replicas cannot split evenly
         config = dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored",
-                      dropout=0.2)  # fused BN and dropout per replica
+                      num_samples=48, dropout=0.2)  # fused BN and dropout per replica
         run, history = unetpp_tf.train(config, verbose=0)
         print(json.dumps(history["loss"]))
         """
@@ -157,6 +158,19 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     losses = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (tmp_path / "m" / "metrics.json").exists()
+
+
+def test_replica_batches_split_evenly_or_fail_clearly():
+    data = unetpp_tf.data.synthetic(48, image_size=(16, 16), batch_size=8)
+    assert data.counts["val"] == 7
+    train_set, val_set = replica_batches(data, 8, replicas=2)
+    assert [int(m.shape[0]) for _, m in val_set] == [6, 1]
+    assert sum(int(m.shape[0]) for _, m in train_set) == data.counts["train"]
+    assert replica_batches(data, 8, replicas=1) == (data.train, data.val)
+    with pytest.raises(ValueError, match="batch_size 8 does not split over 3 replicas; use a multiple of 3"):
+        replica_batches(data, 8, replicas=3)
+    with pytest.raises(ValueError, match="the val split has 7 image"):
+        replica_batches(data, 16, replicas=8)
 
 
 def test_plain_keras_fit_with_our_data_losses_and_metrics():

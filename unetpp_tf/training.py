@@ -311,9 +311,54 @@ def train(
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
+def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> tuple:
+    """The train and validation sets, batched so `replicas` replicas can split them.
+
+    Keras builds a distributed model from the first batch of each dataset averaged over
+    the replicas, which fails unless that batch splits evenly. A split smaller than one
+    batch is re-batched to the largest even size (its remainder follows as a last batch).
+
+    Args:
+        data: SegmentationData. Batched by `batch_size`.
+        batch_size: int. The global batch size.
+        replicas: int. Replicas of the distribution strategy.
+
+    Returns:
+        tuple: (train dataset, validation dataset).
+
+    Raises:
+        ValueError: `batch_size` is not a multiple of `replicas`, or a split has fewer
+            images than replicas.
+
+    Example:
+        >>> train_set, val_set = replica_batches(data, 16, strategy.num_replicas_in_sync)
+    """
+    if replicas == 1:
+        return data.train, data.val
+    if batch_size % replicas:
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {replicas} replicas; use a multiple of {replicas}."
+        )
+    datasets = []
+    for split in ("train", "val"):
+        dataset, count = getattr(data, split), data.counts[split]
+        if count < batch_size and count % replicas:
+            even = count - count % replicas
+            if not even:
+                raise ValueError(
+                    f"the {split} split has {count} image(s), fewer than the {replicas} replicas; "
+                    "use more data or change --split."
+                )
+            dataset = dataset.unbatch().batch(even)
+        datasets.append(dataset)
+    return tuple(datasets)
+
+
 def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, extra: list, verbose) -> dict:
     steps = math.ceil(data.counts["train"] / config.batch_size)
-    with make_strategy(config.strategy).scope():
+    strategy = make_strategy(config.strategy)
+    train_set, val_set = replica_batches(data, config.batch_size, strategy.num_replicas_in_sync)
+    with strategy.scope():
         model = model_from_config(config, data.channels, data.num_classes)
         final = model.output_names[-1]
         scores = [metrics_module.Dice(num_classes=data.num_classes), metrics_module.IoU(num_classes=data.num_classes)]
@@ -345,7 +390,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     if not resume:
         for stale in ("history.csv", "best.json", "model.keras", "metrics.json"):
             (run / stale).unlink(missing_ok=True)
-    train_set, val_set = targets_per_head(data.train, model), targets_per_head(data.val, model)
+    train_set, val_set = targets_per_head(train_set, model), targets_per_head(val_set, model)
     trainer.fit(
         train_set, validation_data=val_set, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
     )

@@ -193,6 +193,17 @@ def _plan(model) -> list:
     return steps
 
 
+def _relays(steps: list) -> dict:
+    """For each segment, the positions of its inputs that a later step reads too."""
+    relays, read_later = {}, set()
+    for step in reversed(steps):
+        inputs = step.inputs if isinstance(step, _Segment) else step.input_tensors
+        if isinstance(step, _Segment):
+            relays[id(step)] = [k for k, t in enumerate(inputs) if id(t) in read_later]
+        read_later.update(id(t) for t in inputs)
+    return relays
+
+
 def _run_nodes(nodes, tensors: dict, seeds: dict, fused: dict | None = None) -> None:
     """Run graph `nodes` in training mode, reading and writing `tensors` (id -> value).
 
@@ -217,9 +228,16 @@ def _run_nodes(nodes, tensors: dict, seeds: dict, fused: dict | None = None) -> 
             tensors[id(x)] = y
 
 
-def _checkpointed(segment: _Segment, seeds: dict):
-    """A function of the segment's inputs whose backward pass recomputes its forward."""
+def _checkpointed(segment: _Segment, seeds: dict, relay: list):
+    """A function of the segment's inputs whose backward pass recomputes its forward.
+
+    The inputs at the positions in `relay` are also returned unchanged, and later steps read
+    those copies. Their gradients then come back through this segment, which adds them to
+    its own: each skip's gradient is summed along the row as it goes, instead of every
+    consumer's contribution waiting at the skip until the last one arrives.
+    """
     calls = []
+    count = len(segment.outputs)
 
     def forward(*inputs):
         tensors = {id(t): v for t, v in zip(segment.inputs, inputs)}
@@ -231,23 +249,28 @@ def _checkpointed(segment: _Segment, seeds: dict):
     @tf.custom_gradient
     def run(*inputs):
         with record.stop_recording():
-            outputs = forward(*inputs)
+            outputs = forward(*inputs) + [tf.identity(inputs[k]) for k in relay]
 
         def grad(*upstream, variables=None):
             # The recomputation waits for the gradient arriving at the segment, so only one
             # segment's internals are alive at a time.
-            with tf.control_dependencies(upstream):
+            with tf.control_dependencies([u for u in upstream if u is not None]):
                 again = [tf.identity(x) for x in inputs]
             variables = list(variables or [])
             with tf.GradientTape() as tape:
                 tape.watch(again)
                 tape.watch(variables)
                 recomputed = forward(*again)
+            own = [tf.zeros_like(y) if u is None else u for y, u in zip(recomputed, upstream[:count])]
             grads = tape.gradient(
-                recomputed, again + variables, output_gradients=list(upstream),
+                recomputed, again + variables, output_gradients=own,
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
-            return grads[: len(again)], grads[len(again):]
+            inputs_grads = list(grads[: len(again)])
+            for k, relayed in zip(relay, upstream[count:]):
+                if relayed is not None:
+                    inputs_grads[k] = inputs_grads[k] + relayed
+            return inputs_grads, grads[len(again):]
 
         return outputs, grad
 
@@ -273,6 +296,7 @@ class NestedModel(keras.Model):
             return super().call(inputs, training=training, mask=mask, **kwargs)
         if not hasattr(self, "_training_plan"):
             self._training_plan = _plan(self)
+            self._relays = _relays(self._training_plan)
         flat = tree.flatten(self._standardize_inputs(inputs))
         tensors = {id(t): v for t, v in zip(self.inputs, flat)}
         for step in self._training_plan:
@@ -282,8 +306,9 @@ class NestedModel(keras.Model):
                 _run_nodes(step.nodes, tensors, {}, step.fused)
             else:
                 seeds = {id(layer): _draw_seed(layer) for layer in step.dropouts}
-                outputs = _checkpointed(step, seeds)(*[tensors[id(t)] for t in step.inputs])
-                for t, value in zip(step.outputs, outputs):
+                relay = self._relays[id(step)]
+                outputs = _checkpointed(step, seeds, relay)(*[tensors[id(t)] for t in step.inputs])
+                for t, value in zip(step.outputs + [step.inputs[k] for k in relay], outputs):
                     tensors[id(t)] = value
         outputs = [tensors[id(t)] for t in self.outputs]
         result = tree.pack_sequence_as(self._outputs_struct, outputs)
