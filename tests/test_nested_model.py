@@ -87,6 +87,12 @@ def test_each_node_is_recomputed_in_the_backward_pass(images, monkeypatch):
         model.get_layer(name).output.name for name in ("x_0_0_drop2", "x_0_1_drop2", "x_1_1_drop2")
     }
     assert x_0_2.fused  # the concatenation is summed into the first convolution
+    # a skip that a later node reads again comes back out of the segment, so its gradient is
+    # summed along the row: X(0, 1) relays X(0, 0) on to X(0, 2)
+    plan = recompute_module._plan(model)
+    relays = recompute_module._relays(plan)
+    x_0_1 = next(s for s in plan if isinstance(s, recompute_module._Segment) and s.key == (0, 1))
+    assert model.get_layer("x_0_0_drop2").output.name in {x_0_1.inputs[k].name for k in relays[id(x_0_1)]}
     calls = {"forward": 0, "replay": 0}
     run_nodes = recompute_module._run_nodes
 

@@ -155,6 +155,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "do not split evenly over 2 replicas" in result.stderr
     losses = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert (tmp_path / "m" / "metrics.json").exists()
@@ -162,10 +163,14 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
 
 def test_replica_batches_split_evenly_or_fail_clearly():
     data = unetpp_tf.data.synthetic(48, image_size=(16, 16), batch_size=8)
-    assert data.counts["val"] == 7
-    train_set, val_set = replica_batches(data, 8, replicas=2)
-    assert [int(m.shape[0]) for _, m in val_set] == [6, 1]
-    assert sum(int(m.shape[0]) for _, m in train_set) == data.counts["train"]
+    assert data.counts["val"] == 7 and data.counts["train"] == 34
+    with pytest.warns(UserWarning, match=r"the val split's 7 images do not split evenly over 2 replicas: 1 of them"):
+        train_set, val_set = replica_batches(data, 8, replicas=2)
+    assert [int(m.shape[0]) for _, m in val_set] == [6]
+    assert train_set is data.train  # 34 images: every batch splits
+    with pytest.warns(UserWarning, match="the train split's 34 images do not split evenly over 4 replicas"):
+        train_set, _ = replica_batches(data, 8, replicas=4)
+    assert [int(m.shape[0]) for _, m in train_set] == [8, 8, 8, 8]
     assert replica_batches(data, 8, replicas=1) == (data.train, data.val)
     with pytest.raises(ValueError, match="batch_size 8 does not split over 3 replicas; use a multiple of 3"):
         replica_batches(data, 8, replicas=3)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -312,11 +313,14 @@ def train(
 
 
 def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> tuple:
-    """The train and validation sets, batched so `replicas` replicas can split them.
+    """The train and validation sets, batched so that `replicas` replicas can split every batch.
 
-    Keras builds a distributed model from the first batch of each dataset averaged over
-    the replicas, which fails unless that batch splits evenly. A split smaller than one
-    batch is re-batched to the largest even size (its remainder follows as a last batch).
+    A distribution strategy gives each replica an equal share of a batch; a replica left
+    with no images fails in TensorFlow, and Keras builds the distributed model from the
+    first batch of each set averaged over the replicas. So a split whose size is not a
+    multiple of `replicas` leaves out the remainder (fewer than `replicas` images, with a
+    warning): the training set a different few each epoch, as it is reshuffled, and the
+    validation set its last few. A split smaller than one batch gets one smaller batch.
 
     Args:
         data: SegmentationData. Batched by `batch_size`.
@@ -342,14 +346,20 @@ def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> t
     datasets = []
     for split in ("train", "val"):
         dataset, count = getattr(data, split), data.counts[split]
-        if count < batch_size and count % replicas:
-            even = count - count % replicas
-            if not even:
-                raise ValueError(
-                    f"the {split} split has {count} image(s), fewer than the {replicas} replicas; "
-                    "use more data or change --split."
-                )
-            dataset = dataset.unbatch().batch(even)
+        even = count - count % replicas
+        if not even:
+            raise ValueError(
+                f"the {split} split has {count} image(s), fewer than the {replicas} replicas; "
+                "use more data or change --split."
+            )
+        if even != count:
+            which = "a different few each epoch" if split == "train" else "the last ones"
+            warnings.warn(
+                f"the {split} split's {count} images do not split evenly over {replicas} replicas: "
+                f"{count - even} of them are left out ({which}).",
+                stacklevel=2,
+            )
+            dataset = dataset.unbatch().take(even).batch(min(batch_size, even))
         datasets.append(dataset)
     return tuple(datasets)
 
