@@ -55,7 +55,7 @@ TRAIN_HELP = {
     "early_stopping": "stop after this many epochs without a better validation Dice (0 = never)",
     "mixed_precision": "mixed precision (outputs and losses stay float32)",
     "xla": "XLA-compile the train step; auto = on with a GPU or TPU, off on CPU (slower there)",
-    "recompute": "recompute each node's forward in the backward pass: 38%% less peak memory at 256x256, 0.8x the speed",
+    "recompute": "recompute each node's forward in the backward pass: a third less peak memory at 256x256, 0.8x speed",
     "strategy": "tf.distribute strategy (mirrored = all local GPUs; multi-host is not offered)",
     "export_saved_model": "export a SavedModel into the run",
     "export_tflite": "export a float32 TFLite file into the run",

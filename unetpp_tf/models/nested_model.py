@@ -5,7 +5,7 @@ node below (at X(0, 4) five node widths). Materialising that concatenation costs
 forward and a slice of its gradient per input backward. `NestedModel` runs training node
 by node instead: the first convolution of a node reads the parts of its concatenation
 directly, as a sum of convolutions with the matching kernel slices, so neither the
-concatenation nor its gradient is ever built (measured 4-9% faster training at paper
+concatenation nor its gradient is ever built (about 5% faster training at paper
 widths, `benchmarks/model_throughput.py`). The layers, weights, names and the inference
 graph are those of the plain functional model, so pruning, saving and export are unchanged.
 
