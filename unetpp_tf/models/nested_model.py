@@ -6,7 +6,7 @@ forward and a slice of its gradient per input backward. `NestedModel` runs train
 by node instead: the first convolution of a node reads the parts of its concatenation
 directly, as a sum of convolutions with the matching kernel slices, so neither the
 concatenation nor its gradient is ever built (about 5% faster training at paper
-widths, `benchmarks/model_throughput.py`). The layers, weights, names and the inference
+widths, `benchmarks/training_changes.py`). The layers, weights, names and the inference
 graph are those of the plain functional model, so pruning, saving and export are unchanged.
 
 `RecomputedModel` trades compute for memory on top of that: each node is one checkpointed
