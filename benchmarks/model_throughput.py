@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
+
+from isolated import run_isolated  # benchmarks/isolated.py
 
 CONFIGS = [  # (size, batch)
     (96, 16),
@@ -112,15 +112,6 @@ def measure(spec: dict) -> dict:
     }
 
 
-def run_isolated(spec: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 filters and 3 steps: a smoke run")
@@ -152,7 +143,7 @@ def main() -> None:
                 for jit in jits:
                     spec = dict(size=size, batch=batch, filters=filters, precision=precision, variant=variant,
                                 batch_norm=batch_norm, dropout=dropout, jit=jit, steps=steps)
-                    rows.append(run_isolated(spec))
+                    rows.append(run_isolated(__file__, spec))
 
     for p, rates in kernels.items():
         print(f"ceiling {p}: {peaks[p]:.0f} GFLOP/s (median of 20: 2048^3 matmul {rates['matmul']:.0f}, "

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
+
+from isolated import run_isolated  # benchmarks/isolated.py
 
 BUILDS = ("functional", "nested", "recompute")
 
@@ -65,15 +65,6 @@ def measure(spec: dict) -> dict:
     return {**spec, "floor_gb": floor, "peak_gb": _peak_gb(), "train_images_s": batch / float(np.median(samples))}
 
 
-def run_isolated(spec: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, __file__, "--single", json.dumps(spec)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--with-96", action="store_true", help="also 96x96 batch 16")
@@ -93,7 +84,7 @@ def main() -> None:
     for size, batch in configs:
         for batch_norm in norms:
             spec = dict(size=size, batch=batch, filters=filters, batch_norm=batch_norm, steps=steps)
-            rows.append({build: run_isolated({**spec, "build": build}) for build in BUILDS})
+            rows.append({build: run_isolated(__file__, {**spec, "build": build}) for build in BUILDS})
 
     print(f"UNet++ paper preset, filters {tuple(filters * 2**i for i in range(5))}, Adam, BCE+Dice, XLA off")
     print("peak = ru_maxrss of a process training only that model; floor = peak before the first step")
