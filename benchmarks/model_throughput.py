@@ -18,13 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
 import numpy as np
 
-from isolated import run_isolated  # benchmarks/isolated.py
+from isolated import answer_single, run_isolated  # benchmarks/isolated.py
 
 CONFIGS = [  # (size, batch)
     (96, 16),
@@ -121,10 +120,8 @@ def main() -> None:
                         help="paper: no BN, dropout 0.5; no-bn: no BN, no dropout; bn: BN, no dropout")
     parser.add_argument("--jit", choices=("on", "off", "both"), default="off", help="XLA compilation")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--single", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.single:
-        print(json.dumps(measure(json.loads(args.single))))
+    args = answer_single(parser, measure)
+    if args is None:
         return
 
     filters, steps = (16, 3) if args.quick else (32, args.steps)

@@ -19,13 +19,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
 import numpy as np
 
-from isolated import run_isolated  # benchmarks/isolated.py
+from isolated import answer_single, run_isolated  # benchmarks/isolated.py
 
 BUILDS = ("functional", "nested", "recompute")
 
@@ -71,10 +70,8 @@ def main() -> None:
     parser.add_argument("--batch-norm", choices=("on", "off", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="16 filters and 2 timed steps: a smoke run")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps after two warm-up steps")
-    parser.add_argument("--single", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.single:
-        print(json.dumps(measure(json.loads(args.single))))
+    args = answer_single(parser, measure)
+    if args is None:
         return
 
     filters, steps = (16, 2) if args.quick else (32, args.steps)
