@@ -19,6 +19,7 @@ def conv_block(
     *,
     name: str,
     batch_norm: bool = True,
+    bn_momentum: float = 0.9,
     dropout: float = 0.0,
     l2: float = 0.0,
     activation: str = "relu",
@@ -38,6 +39,10 @@ def conv_block(
         name: str. Prefix for the layer names.
         batch_norm: bool. Insert BatchNormalization after each convolution.
             Defaults to True.
+        bn_momentum: float. Decay of BatchNorm's moving statistics (Keras convention;
+            PyTorch's momentum 0.1 is 0.9 here). Keras' own 0.99 averages over ~100 steps,
+            too slow for short runs on small datasets (`benchmarks/accuracy.py`).
+            Defaults to 0.9.
         dropout: float. Dropout rate after each activation; 0 disables it.
             Defaults to 0.0.
         l2: float. L2 weight decay on the kernels; 0 disables it. Defaults to 0.0.
@@ -62,7 +67,7 @@ def conv_block(
             name=f"{name}_conv{k}",
         )(x)
         if batch_norm:
-            x = FusedBatchNormalization(name=f"{name}_bn{k}")(x)
+            x = FusedBatchNormalization(momentum=bn_momentum, name=f"{name}_bn{k}")(x)
         x = keras.layers.Activation(activation, name=f"{name}_act{k}")(x)
         if dropout:
             x = FusedDropout(dropout, name=f"{name}_drop{k}")(x)

@@ -89,6 +89,7 @@ def _build(
     deep_supervision: bool,
     *,
     batch_norm: bool,
+    bn_momentum: float,
     dropout: float,
     l2: float,
     upsampling: str,
@@ -110,9 +111,12 @@ def _build(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}.")
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1) (the decay of the moving statistics), got {bn_momentum}.")
     head_activation = _output_activation(output_activation, num_classes)
     block = dict(
         batch_norm=batch_norm,
+        bn_momentum=bn_momentum,
         dropout=dropout,
         l2=l2,
         activation=activation,
@@ -161,6 +165,7 @@ def build_unetpp(
     deep_supervision: bool = False,
     *,
     batch_norm: bool = True,
+    bn_momentum: float = 0.9,
     dropout: float = 0.0,
     l2: float = 0.0,
     upsampling: str = "transpose",
@@ -189,6 +194,10 @@ def build_unetpp(
             widths. Defaults to 32.
         deep_supervision: bool. One head per column X(0, j). Defaults to False.
         batch_norm: bool. BatchNormalization after each convolution. Defaults to True.
+        bn_momentum: float. Decay of BatchNorm's moving statistics; Keras' own default
+            0.99 lags the weights for most of a short run on a small dataset, so
+            inference-mode outputs go wrong (measured in `benchmarks/accuracy.py`).
+            Defaults to 0.9 (PyTorch's default).
         dropout: float. Dropout after each convolution. Defaults to 0.0.
         l2: float. L2 weight decay on convolution kernels. Defaults to 0.0.
         upsampling: str. "transpose" (2x2 stride-2 transposed conv), "bilinear" or
@@ -222,6 +231,7 @@ def build_unetpp(
         filters,
         deep_supervision,
         batch_norm=batch_norm,
+        bn_momentum=bn_momentum,
         dropout=dropout,
         l2=l2,
         upsampling=upsampling,
@@ -254,7 +264,7 @@ def build_unet(
         depth: int. Number of poolings. Defaults to 4.
         filters: int or tuple. As in `build_unetpp`. Defaults to 32.
         name: str. Model name. Defaults to "unet".
-        **options: the keyword options of `build_unetpp` (batch_norm, dropout, l2,
+        **options: the keyword options of `build_unetpp` (batch_norm, bn_momentum, dropout, l2,
             upsampling, activation, kernel_initializer, output_activation,
             width_multiplier, recompute).
 
