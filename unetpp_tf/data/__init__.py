@@ -5,13 +5,20 @@ yielding (image float32 [B, H, W, C], mask int32 [B, H, W, 1]) tuples.
 
 Example:
     >>> data = unetpp_tf.data.synthetic(num_samples=256)
-    >>> data = unetpp_tf.data.from_directory("my_data", image_size=(256, 256))
+    >>> data = unetpp_tf.data.from_directory("my_data", image_size=(256, 256), group_by=r"^(slide[0-9]+)_")
 """
 
 from unetpp_tf.data.arrays import from_arrays
 from unetpp_tf.data.augment import AugmentedModel, SegmentationAugmenter
 from unetpp_tf.data.folder import from_directory
-from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices, targets_per_head
+from unetpp_tf.data.pipeline import (
+    SPLITS,
+    SegmentationData,
+    finalize,
+    fold_indices,
+    split_indices,
+    targets_per_head,
+)
 from unetpp_tf.data.stats import dataset_statistics
 from unetpp_tf.data.synthetic import synthetic, synthetic_sample
 from unetpp_tf.data.tfds_source import from_tfds
@@ -23,6 +30,7 @@ __all__ = [
     "SegmentationData",
     "dataset_statistics",
     "finalize",
+    "fold_indices",
     "from_arrays",
     "from_directory",
     "from_tfds",

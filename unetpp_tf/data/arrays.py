@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +28,7 @@ def from_arrays(
     shuffle: bool = True,
     cache: bool | str = True,
     augment: Callable | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> SegmentationData:
     """Build train/val/test datasets from numpy image and mask arrays.
 
@@ -36,7 +37,8 @@ def from_arrays(
     [0, 1] are refused unless `normalization=(mean, std)` is given, which is then applied to
     them as they are. Masks: [N, H, W] or [N, H, W, 1] integer (or bool, or integer-valued
     float) class ids, or {0, 255} binary masks (255 -> 1). Everything is checked before a
-    dataset is returned; the arrays are split with `split_indices(N, split, seed)`.
+    dataset is returned; the arrays are split with `split_indices(N, split, seed, groups)`, so
+    samples that share a group key (tiles of one slide, slices of one patient) stay in one split.
 
     Args:
         images: np.ndarray. The images.
@@ -59,6 +61,8 @@ def from_arrays(
             disk (as `{path}_{split}`), False disables. Defaults to True.
         augment: callable or None. `augment(images, masks, training=True)` applied to train
             batches in tf.data. Defaults to None.
+        groups: sequence or None. One hashable group key per sample (e.g. patient ids); whole
+            groups go to one split. Defaults to None (split sample by sample).
 
     Returns:
         SegmentationData: batched splits (`files` is empty).
@@ -108,7 +112,7 @@ def from_arrays(
             f"{decode.describe(_samples_with(masks, bad_raw))}; fix the masks or raise num_classes."
         )
 
-    parts = split_indices(images.shape[0], split, seed)
+    parts = split_indices(images.shape[0], split, seed, groups=groups)
 
     def prepare(image, mask):
         mask = decode.apply_mask_mapping(mask, mapping)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def from_directory(
     cache: bool | str = True,
     augment: Callable | None = None,
     skip_invalid: bool = False,
+    group_by: str | None = None,
+    splits: Mapping | None = None,
 ) -> SegmentationData:
     """Load image/mask pairs from folders, validate every file, and split them into train/val/test.
 
@@ -64,6 +67,15 @@ def from_directory(
     the classes, unknown colours and an empty split raise an error that names the files and
     says what to do. With `skip_invalid=True` the bad pairs are dropped and listed in
     `data.files["skipped"]` as (path, reason); nothing is skipped silently otherwise.
+
+    `group_by` keeps files that share a group (tiles of one slide, slices of one patient) in one
+    split: the regex is searched (`re.search`) in each image's file stem and the group key is its
+    first capture group, or the whole match when it has none. Every image name must match (the
+    ones that do not are named in the error). The per-split folder layout is used as given, so
+    `group_by` raises there. `splits` replaces the folder scan and the random split with
+    recorded file lists (a run's `data.files`, as saved in splits.json): the files are validated
+    as usual and any that no longer exist are named in one error. `group_by` then only labels
+    the files with their groups in `files["groups"]`.
 
     Args:
         root: str, Path or None. Dataset folder. Defaults to None.
@@ -97,14 +109,22 @@ def from_directory(
             batches in tf.data. Defaults to None.
         skip_invalid: bool. Drop bad pairs (recorded in `files["skipped"]`) instead of raising.
             Defaults to False.
+        group_by: str or None. Regex that finds the group key in each image file stem, e.g.
+            r"^(slide[0-9]+)_" for "slide3_tile12.png"; None splits file by file. Defaults to None.
+        splits: dict or None. {"train"|"val"|"test": [(image, mask), ...]} file paths to use
+            instead of scanning `root` (lists of 2-lists from JSON work; other keys such as
+            "skipped" and "groups" are ignored, so a recorded `data.files` can be passed as it
+            is); `root`, `images`, `masks` and `split` are then not used. Defaults to None.
 
     Returns:
-        SegmentationData: batched splits; `files` holds the (image, mask) paths per split and
-        "skipped".
+        SegmentationData: batched splits; `files` holds the (image, mask) paths per split,
+        "skipped", and with `group_by` "groups": {split: [group key per pair]}.
 
     Example:
         >>> data = from_directory("data/nuclei", image_size=(96, 96), batch_size=16)
         >>> images, masks = next(iter(data.train))
+        >>> data = from_directory("data/slides", group_by=r"^(slide[0-9]+)_")
+        >>> again = from_directory(splits=data.files)  # the same files in the same splits
     """
     image_size = decode.check_size(image_size, "image_size")
     crop_size = decode.check_size(crop_size, "crop_size")
@@ -127,11 +147,18 @@ def from_directory(
             f"crop_size {crop_size} is larger than image_size {image_size}; pass a smaller crop."
         )
 
-    folders = _find_folders(root, images, masks)
     skipped: list[tuple[str, str]] = []
-    parts = {}
-    for part, (img_dir, mask_dir) in folders.items():
-        parts[part] = _pair_files(img_dir, mask_dir, skip_invalid, skipped)
+    if splits is not None:
+        parts = _recorded_parts(splits)
+    else:
+        folders = _find_folders(root, images, masks)
+        if group_by is not None and "all" not in folders:
+            raise ValueError(
+                f"--group-by only applies to the random split of images/ + masks/, but {root} has per-split "
+                "folders (train/, val/, test/) that are used as given; drop --group-by or merge the folders."
+            )
+        parts = {part: _pair_files(*dirs, skip_invalid, skipped) for part, dirs in folders.items()}
+    keys = _group_keys([pair for pairs in parts.values() for pair in pairs], group_by)
 
     # Read every file once (threads: PIL releases the GIL while decoding).
     all_pairs = [pair for pairs in parts.values() for pair in pairs]
@@ -233,7 +260,8 @@ def from_directory(
     # Split.
     if "all" in parts:
         pairs = parts["all"]
-        index = split_indices(len(pairs), split, seed)
+        groups = None if keys is None else [keys[pair] for pair in pairs]
+        index = split_indices(len(pairs), split, seed, groups=groups)
         parts = {name: [pairs[i] for i in index[name]] for name in SPLITS}
     else:
         parts = {name: parts.get(name, []) for name in SPLITS}
@@ -279,13 +307,15 @@ def from_directory(
         final_size = next(iter(sizes))
     files = {name: [(str(i), str(m)) for i, m in parts[name]] for name in SPLITS}
     files["skipped"] = [(str(path), reason) for path, reason in skipped]
+    if keys is not None:
+        files["groups"] = {name: [keys[pair] for pair in parts[name]] for name in SPLITS}
     return SegmentationData(
         **batched,
         num_classes=mapping.num_classes,
         channels=channels,
         image_size=tuple(final_size),
         counts={name: len(parts[name]) for name in SPLITS},
-        source=f"folder:{root if root is not None else images}",
+        source=f"folder:{root if root is not None else images or 'recorded splits'}",
         files=files,
     )
 
@@ -319,6 +349,69 @@ def _find_folders(root, images, masks) -> dict[str, tuple[Path, Path]]:
                     "root/train/{images,masks} (+ val, test), or pass images= and masks= explicitly."
                 )
     return folders
+
+
+def _recorded_parts(splits: Mapping) -> dict[str, list[tuple[Path, Path]]]:
+    """{split: [(image, mask)]} from recorded file lists; files that no longer exist raise one error."""
+    if not isinstance(splits, Mapping) or not any(name in splits for name in SPLITS):
+        raise ValueError(
+            f"splits must be a dict {{'train'|'val'|'test': [(image, mask), ...]}} such as a run's "
+            f"splits.json or data.files, got {type(splits).__name__}."
+        )
+    parts, seen = {}, {}
+    for name in SPLITS:
+        parts[name] = []
+        for entry in splits.get(name) or ():
+            if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"splits[{name!r}] holds {entry!r}; each entry must be an (image, mask) path pair.")
+            pair = (Path(entry[0]), Path(entry[1]))
+            if pair in seen:
+                raise ValueError(f"{pair[0]} is listed in both the {seen[pair]} and the {name} split; keep it in one.")
+            seen[pair] = name
+            parts[name].append(pair)
+    if not seen:
+        raise ValueError("splits lists no (image, mask) pairs; pass a recorded split with files in it.")
+    missing = [str(path) for pair in seen for path in pair if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} file(s) of the recorded split no longer exist: {decode.describe(missing)}; the run's "
+            "recorded split refers to them: restore them, or evaluate with --data/--split on the folder as it is now."
+        )
+    return parts
+
+
+def _group_keys(pairs: list[tuple[Path, Path]], group_by: str | None) -> dict | None:
+    """{pair: group key} from the regex searched in each image stem; None without `group_by`."""
+    if group_by is None:
+        return None
+    try:
+        pattern = re.compile(group_by)
+    except (re.error, TypeError) as error:
+        raise ValueError(
+            f"--group-by '{group_by}' is not a valid regular expression ({error}); fix it, e.g. '^(.+?)_' "
+            "takes the name up to the first underscore as the group."
+        ) from None
+    keys, unmatched = {}, []
+    for pair in pairs:
+        match = pattern.search(pair[0].stem)
+        key = None if match is None else match.group(1 if pattern.groups else 0)
+        if key is None:
+            unmatched.append(pair[0].name)
+        else:
+            keys[pair] = key
+    if unmatched and not keys:
+        raise ValueError(
+            f"--group-by '{group_by}' matches none of the {len(pairs)} image names (e.g. "
+            f"{decode.describe(unmatched, 3)}); it is searched in each name without its extension: write a "
+            "regex that finds the group in every name, e.g. '^(.+?)_' for slide1_tile3.png."
+        )
+    if unmatched:
+        raise ValueError(
+            f"--group-by '{group_by}' does not match {len(unmatched)} of the {len(pairs)} image names: "
+            f"{decode.describe(unmatched)}; change the regex so that it matches every name (searched without "
+            "the extension), or move those files out of the folder."
+        )
+    return keys
 
 
 def _list_images(folder: Path) -> dict[str, list[Path]]:

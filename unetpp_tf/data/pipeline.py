@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -51,17 +51,27 @@ class SegmentationData:
         return getattr(self, split)
 
 
-def split_indices(count: int, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict:
+def split_indices(
+    count: int,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
+) -> dict:
     """Split `range(count)` into train/val/test index arrays, deterministically.
 
-    The same count, fractions and seed give the same split; no index is in two parts.
-    Sizes are rounded so that they add up to `count`.
+    The same count, fractions, seed (and groups) give the same split; no index is in two parts.
+    Without `groups`, sizes are rounded so that they add up to `count`. With `groups`, whole
+    groups go to one part (tiles of one slide, slices of one patient never straddle parts): the
+    groups are shuffled with `seed`, then test and val are filled to their target sample counts
+    (a group is taken when it brings the part closer to its target) and the rest is train.
 
     Args:
         count: int. Number of samples.
         fractions: tuple. (train, val, test) fractions summing to 1. Defaults to
             (0.7, 0.15, 0.15).
         seed: int. Shuffling seed. Defaults to 0.
+        groups: sequence or None. One hashable group key per sample; None puts every sample
+            in its own group. Defaults to None.
 
     Returns:
         dict: {"train": ndarray, "val": ndarray, "test": ndarray} of sorted indices.
@@ -70,28 +80,96 @@ def split_indices(count: int, fractions: Sequence[float] = (0.7, 0.15, 0.15), se
         >>> parts = split_indices(20)
         >>> [len(parts[k]) for k in ("train", "val", "test")]
         [14, 3, 3]
+        >>> parts = split_indices(6, (0.5, 0.0, 0.5), groups=["a", "a", "b", "b", "c", "c"])
     """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(
-            f"split must be three non-negative fractions (train, val, test) summing to 1, got {fractions}."
-        )
-    order = np.random.default_rng(seed).permutation(count)
+    fractions = _check_fractions(fractions)
     n_val = int(round(count * fractions[1]))
     n_test = int(round(count * fractions[2]))
-    n_train = count - n_val - n_test
-    parts = {
-        "train": np.sort(order[:n_train]),
-        "val": np.sort(order[n_train : n_train + n_val]),
-        "test": np.sort(order[n_train + n_val :]),
-    }
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(count)
+        n_train = count - n_val - n_test
+        parts = {
+            "train": np.sort(order[:n_train]),
+            "val": np.sort(order[n_train : n_train + n_val]),
+            "test": np.sort(order[n_train + n_val :]),
+        }
+        where, fix = f"{count} samples", "add data or raise that fraction"
+    else:
+        parts, where = _grouped_split(_group_members(groups, count), seed, n_val, n_test)
+        fix = "use more, smaller groups (change --group-by), add data, or change the fractions (--split)"
     empty = [name for name, fraction in zip(SPLITS, fractions) if fraction > 0 and len(parts[name]) == 0]
     if empty:
-        raise ValueError(
-            f"split {fractions} of {count} samples leaves the {' and '.join(empty)} part empty; "
-            "add data or raise that fraction."
-        )
+        raise ValueError(f"split {fractions} of {where} leaves the {' and '.join(empty)} part empty; {fix}.")
     return parts
+
+
+def fold_indices(
+    count: int,
+    folds: int,
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
+    exclude: Sequence[int] | None = None,
+) -> list[dict]:
+    """K cross-validation folds of `range(count)`: disjoint validation parts that cover the data.
+
+    Every sample not in `exclude` is in exactly one fold's "val" and in the other folds'
+    "train"; whole groups stay in one fold. Groups are shuffled with `seed`, then dealt
+    largest first to the fold with the fewest samples so far, which balances the fold sizes.
+
+    Args:
+        count: int. Number of samples.
+        folds: int. Number of folds K, at least 2 and at most the number of groups.
+        seed: int. Seed that orders groups of equal size. Defaults to 0.
+        groups: sequence or None. One hashable group key per sample; None puts every sample
+            in its own group. Defaults to None.
+        exclude: sequence of int or None. Indices left out of every fold (e.g. a held-out test
+            split). Defaults to None.
+
+    Returns:
+        list: K dicts {"train": ndarray, "val": ndarray} of sorted indices.
+
+    Example:
+        >>> parts = fold_indices(10, 5)
+        >>> [len(part["val"]) for part in parts]
+        [2, 2, 2, 2, 2]
+    """
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"--folds must be an integer of at least 2 (K models on K folds), got {folds!r}.")
+    keep = np.ones(count, bool)
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
+        if exclude.size and (exclude.min() < 0 or exclude.max() >= count):
+            raise ValueError(f"exclude holds indices outside 0..{count - 1}; pass sample indices of the data.")
+        keep[exclude] = False
+    members = [m[keep[m]] for m in _group_members(groups if groups is not None else range(count), count)]
+    members = [m for m in members if len(m)]
+    if folds > len(members):
+        if groups is None:
+            raise ValueError(
+                f"--folds {folds} needs at least {folds} samples but the data has {len(members)}; "
+                "lower --folds or add data."
+            )
+        from unetpp_tf.data.decode import describe  # decode imports this module
+
+        keys = describe([repr(groups[int(m[0])]) for m in members], 5)
+        raise ValueError(
+            f"--folds {folds} needs at least {folds} groups but the data has {len(members)} ({keys}); "
+            "lower --folds or change --group-by."
+        )
+    shuffled = [members[i] for i in np.random.default_rng(seed).permutation(len(members))]
+    shuffled.sort(key=len, reverse=True)  # stable: equal sizes keep the seeded order
+    vals: list[list[np.ndarray]] = [[] for _ in range(folds)]
+    sizes = [0] * folds
+    for member in shuffled:
+        fold = int(np.argmin(sizes))
+        vals[fold].append(member)
+        sizes[fold] += len(member)
+    used = np.flatnonzero(keep)
+    out = []
+    for val in vals:
+        val = _joined(val)
+        out.append({"train": np.setdiff1d(used, val), "val": val})
+    return out
 
 
 def finalize(
@@ -162,3 +240,57 @@ def targets_per_head(dataset: tf.data.Dataset, model_or_heads) -> tf.data.Datase
     if heads == 1:
         return dataset
     return dataset.map(lambda images, masks: (images, tuple(masks for _ in range(heads))))
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(
+            f"split must be three non-negative fractions (train, val, test) summing to 1, got {fractions}."
+        )
+    return fractions
+
+
+def _group_members(groups: Sequence[Hashable], count: int) -> list[np.ndarray]:
+    """Sample indices per group, the groups ordered by str(key) (so not by sample order)."""
+    if len(groups) != count:
+        raise ValueError(f"got {len(groups)} group keys for {count} samples; pass one group key per sample.")
+    members: dict = {}
+    for index, key in enumerate(groups):
+        try:
+            members.setdefault(key, []).append(index)
+        except TypeError:
+            raise TypeError(
+                f"group key {key!r} of sample {index} is not hashable; use strings or numbers as group keys."
+            ) from None
+    return [np.asarray(members[key], np.int64) for key in sorted(members, key=str)]
+
+
+def _grouped_split(members: list[np.ndarray], seed: int, n_val: int, n_test: int) -> tuple[dict, str]:
+    """(parts, description): seeded group order, test then val filled to their targets, the rest train."""
+    order = np.random.default_rng(seed).permutation(len(members))
+    test, rest = _fill([members[i] for i in order], n_test)
+    val, rest = _fill(rest, n_val)
+    count = sum(len(m) for m in members)
+    smallest = min((len(m) for m in members), default=0)
+    where = (
+        f"{count} samples in {len(members)} groups (whole groups only; the smallest has {smallest} "
+        f"samples, the targets are {count - n_val - n_test}/{n_val}/{n_test} for train/val/test)"
+    )
+    return {"train": _joined(rest), "val": _joined(val), "test": _joined(test)}, where
+
+
+def _fill(groups: list[np.ndarray], target: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(taken, rest): groups taken in order while each brings the taken total closer to `target`."""
+    taken, rest, total = [], [], 0
+    for member in groups:
+        if 2 * total + len(member) < 2 * target:  # |total + size - target| < |total - target|
+            taken.append(member)
+            total += len(member)
+        else:
+            rest.append(member)
+    return taken, rest
+
+
+def _joined(members: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(members)) if members else np.zeros(0, np.int64)

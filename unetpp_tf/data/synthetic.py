@@ -17,6 +17,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from unetpp_tf.data.decode import split_cache
 from unetpp_tf.data.pipeline import SegmentationData, finalize, split_indices
 
 TASKS = {"binary": 1, "multiclass": 3}
@@ -136,8 +137,8 @@ def synthetic(
         seed: int. Picks both the images and the split. Defaults to 0.
         batch_size: int. Defaults to 8.
         shuffle: bool. Shuffle the training split each epoch. Defaults to True.
-        cache: bool or str. Cache rendered samples (memory or a file path).
-            Defaults to True.
+        cache: bool or str. True caches rendered samples in memory, a path prefix caches on
+            disk (as `{path}_{split}`), False disables. Defaults to True.
         augment: callable or None. Host-side augmentation of training batches (see
             `finalize`). Defaults to None.
 
@@ -173,7 +174,7 @@ def synthetic(
             batch_size=batch_size,
             shuffle=shuffle and name == "train",
             seed=seed,
-            cache=cache,
+            cache=split_cache(cache, name),
             augment=augment if name == "train" else None,
         )
     return SegmentationData(
