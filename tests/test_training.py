@@ -14,10 +14,11 @@ import pytest
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig, load_config
-from unetpp_tf.training import TrainingDiverged, replica_batches, train
+from unetpp_tf.training import TrainingDiverged, load_data, replica_batches, train
 
 TINY = dict(
-    num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, export_saved_model=False, export_tflite=False
+    num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, min_steps=0,
+    export_saved_model=False, export_tflite=False,
 )
 
 
@@ -71,12 +72,16 @@ def test_train_writes_a_complete_run(tmp_path):
                  "figures/curves.png", "figures/predictions.png"):
         assert (run / name).is_file(), name
     assert not (run / "backup").exists()  # removed once the run finished
-    assert len(history["loss"]) == 2 and "val_output_2_dice" in history
+    assert len(history["loss"]) == 2 and {"val_output_2_dice", "val_dice"} <= set(history)
     record = json.loads((run / "metrics.json").read_text())
     assert set(record["test"]) >= {"dice", "iou", "precision", "recall", "f1", "accuracy"}
     assert record["counts"] == {"train": 28, "val": 6, "test": 6}
-    # The saved model is the best epoch's: its validation Dice is the best in the history.
-    assert record["best_val_dice"] == pytest.approx(max(history["val_output_2_dice"]), abs=1e-6)
+    # The saved model is the best epoch's by the Dice of the mean of the heads (what evaluation,
+    # prediction and export use), not the last head's.
+    assert record["best_val_dice"] == pytest.approx(max(history["val_dice"]), abs=1e-6)
+    best = keras.models.load_model(run / "model.keras")
+    data = load_data(TrainConfig(**TINY))
+    assert unetpp_tf.evaluate(best, data.val)["metrics"]["dice"] == pytest.approx(record["best_val_dice"], abs=1e-5)
     assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).epochs == 2
     # An existing run is never silently overwritten.
     with pytest.raises(FileExistsError, match="already exists; pass --resume"):
@@ -95,7 +100,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     command = [
         sys.executable, "-m", "unetpp_tf", "train", "--quiet", "--output-dir", str(tmp_path), "--name", "r",
         "--num-samples", "64", "--image-size", "32", "--depth", "2", "--filters", "4", "--batch-size", "4",
-        "--epochs", "6", "--no-export-saved-model", "--no-export-tflite",
+        "--epochs", "6", "--min-steps", "0", "--no-export-saved-model", "--no-export-tflite",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = tmp_path / "r" / "history.csv"
@@ -195,7 +200,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     from unetpp_tf.cli import main
 
     args = ["--output-dir", str(tmp_path), "--name", "e2e", "--num-samples", "40", "--image-size", "32", "--depth", "2",
-            "--filters", "4", "--epochs", "1", "--batch-size", "8", "--quiet",
+            "--filters", "4", "--epochs", "1", "--batch-size", "8", "--min-steps", "0", "--quiet",
             "--no-export-saved-model", "--no-export-tflite"]
     assert main(["train", *args]) == 0
     assert "test: dice" in capsys.readouterr().out

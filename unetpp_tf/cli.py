@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -33,6 +34,10 @@ TRAIN_HELP = {
     "num_classes": "classes in the masks (1 = binary); inferred when omitted",
     "batch_size": "images per step",
     "split": "TRAIN VAL TEST fractions for a random split by file",
+    "group_by": "regex on image file names; files with the same match (or first group) stay in one split",
+    "folds": "train K models on K disjoint validation folds and use their ensemble (0 = one model)",
+    "normalize": "image intensities: fixed = divide by the dtype's range, dataset = training-set 1st-99.8th "
+                 "percentiles to 0-1, or per image minmax | percentile (1st-99.8th) | zscore; kept in the model",
     "augment": "where augmentation runs: in the train step on the device, in tf.data on the host, or not at all",
     "augmentation": "augmentation settings as JSON, e.g. '{\"rotation\": 0.1, \"zoom\": 0.1}'",
     "arch": "model architecture",
@@ -41,6 +46,7 @@ TRAIN_HELP = {
     "filters": "base width (doubled per level) or DEPTH+1 widths",
     "deep_supervision": "one head and one loss per decoder column (UNet++ only)",
     "batch_norm": "BatchNormalization after each convolution",
+    "bn_momentum": "decay of BatchNorm's moving statistics (Keras default 0.99 lags in short runs)",
     "dropout": "dropout rate after each convolution",
     "l2": "L2 weight decay on convolution kernels",
     "upsampling": "decoder upsampling",
@@ -49,7 +55,8 @@ TRAIN_HELP = {
     "learning_rate": "peak learning rate",
     "weight_decay": "AdamW weight decay",
     "schedule": "learning-rate schedule",
-    "warmup_epochs": "linear warm-up epochs of the cosine schedule",
+    "warmup_steps": "linear warm-up optimizer steps of the cosine schedule",
+    "min_steps": "at least this many optimizer steps in all: small datasets repeat within an epoch",
     "clipnorm": "clip each gradient to this norm",
     "epochs": "training epochs",
     "early_stopping": "stop after this many epochs without a better validation Dice (0 = never)",
@@ -118,13 +125,16 @@ def _train(args) -> int:
     return 0
 
 
+def _run_dir(model_path: str) -> Path | None:
+    """The run directory a model file (or run directory) belongs to, or None."""
+    path = Path(model_path)
+    return next((f for f in (path, path.parent, path.parent.parent) if (f / "config.json").is_file()), None)
+
+
 def _run_config(model_path: str) -> dict:
     """The config.json of the run a model file belongs to, or {}."""
-    path = Path(model_path)
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "config.json").is_file():
-            return json.loads((folder / "config.json").read_text())
-    return {}
+    run = _run_dir(model_path)
+    return json.loads((run / "config.json").read_text()) if run else {}
 
 
 def _model_file(model_path: str) -> str:
@@ -133,8 +143,8 @@ def _model_file(model_path: str) -> str:
 
 
 def _data_for(args, model_path: str):
-    """The data to evaluate on: flags if given, else the data of the model's run."""
-    from unetpp_tf.training import load_data
+    """The data to evaluate on: flags if given, else the data of the model's run, split as it recorded."""
+    from unetpp_tf.training import SPLITS_FILE, load_data, read_splits
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in _run_config(model_path).items() if k in known}
@@ -143,8 +153,11 @@ def _data_for(args, model_path: str):
             values[name] = getattr(args, name)
     if args.image_size:
         values["image_size"] = (args.image_size[0], args.image_size[-1])
-    values["augment"] = "none"
-    return load_data(TrainConfig.from_dict(values))
+    values.update(augment="none", folds=0)
+    run = _run_dir(model_path)
+    own_data = all(getattr(args, name, None) is None for name in ("data", "images", "masks"))
+    splits = read_splits(run) if own_data and run and (run / SPLITS_FILE).is_file() else None
+    return load_data(TrainConfig.from_dict(values), splits=splits)
 
 
 def _evaluate(args) -> int:
@@ -300,9 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NotesToStderr(logging.Handler):
+    """Show the library's log notes (e.g. a stretched schedule) as `unetpp-tf: ...` lines on stderr."""
+
+    def emit(self, record):
+        print(f"unetpp-tf: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_library_notes() -> None:
+    log = logging.getLogger("unetpp_tf")
+    if not any(isinstance(h, _NotesToStderr) for h in log.handlers):
+        log.addHandler(_NotesToStderr())
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    _show_library_notes()
     try:
         with native_stderr_silenced():
             return args.run(args)

@@ -17,6 +17,7 @@ CHOICES = {
     "xla": ("auto", "on", "off"),
     "augment": ("device", "host", "none"),
     "task": ("binary", "multiclass"),
+    "normalize": ("fixed", "dataset", "minmax", "percentile", "zscore"),
 }
 
 DEFAULT_AUGMENTATION = dict(flip=True, rotate90=True, brightness=0.1, contrast=0.1, noise=0.02)
@@ -53,6 +54,9 @@ class TrainConfig:
     num_classes: int | None = None
     batch_size: int = 16
     split: tuple = (0.7, 0.15, 0.15)
+    group_by: str | None = None
+    folds: int = 0
+    normalize: str = "fixed"
     augment: str = "device"
     augmentation: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
     # model
@@ -62,6 +66,7 @@ class TrainConfig:
     filters: int | tuple = 16
     deep_supervision: bool = True
     batch_norm: bool = True
+    bn_momentum: float = 0.9
     dropout: float = 0.0
     l2: float = 0.0
     upsampling: str = "transpose"
@@ -71,7 +76,8 @@ class TrainConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     schedule: str = "cosine"
-    warmup_epochs: int = 1
+    warmup_steps: int = 50
+    min_steps: int = 200
     clipnorm: float | None = None
     epochs: int = 10
     early_stopping: int = 0
@@ -98,6 +104,14 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+        for key in ("warmup_steps", "min_steps", "folds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}.")
+        if self.folds == 1:
+            raise ValueError("folds must be 0 (no cross-validation) or at least 2, got 1.")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.arch == "unet" and self.deep_supervision:

@@ -16,9 +16,11 @@ Plain Keras works too: the datasets, losses and metrics are ordinary Keras objec
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -26,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from unetpp_tf import losses as losses_module
@@ -46,6 +49,31 @@ from unetpp_tf.inference import as_single_output
 from unetpp_tf.models import build_model, from_preset
 
 MIXED_PRECISION = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+MONITOR = "val_dice"
+
+logger = logging.getLogger(__name__)
+
+
+SPLITS_FILE = "splits.json"
+
+
+def read_splits(run) -> dict:
+    """The (image, mask) files of each split that a run recorded in `splits.json`.
+
+    Args:
+        run: str or Path. The run directory.
+
+    Returns:
+        dict: {"train": [[image, mask], ...], "val": ..., "test": ..., ...}.
+
+    Example:
+        >>> data = load_data(config, splits=read_splits("saved_models/run1"))
+    """
+    path = Path(run) / SPLITS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run recorded no file splits (not folder data?).")
+    recorded = json.loads(path.read_text())
+    return {split: recorded[split] for split in ("train", "val", "test")}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -68,45 +96,173 @@ def make_augmenter(config: TrainConfig) -> SegmentationAugmenter:
     return SegmentationAugmenter(**config.augmentation, seed=config.seed)
 
 
-def load_data(config: TrainConfig) -> SegmentationData:
+def load_data(config: TrainConfig, splits: dict | None = None) -> SegmentationData:
     """Open the data a configuration names (synthetic, a folder, or tfds:NAME).
+
+    Args:
+        config: TrainConfig. The data settings.
+        splits: dict or None. Folder data only: the (image, mask) files of each split, as a
+            run records them in `splits.json`, instead of splitting the folder anew.
+            Defaults to None.
 
     Example:
         >>> data = load_data(TrainConfig(data="my_folder", image_size=(128, 128)))
     """
     host_augment = make_augmenter(config) if config.augment == "host" else None
     common = dict(batch_size=config.batch_size, split=config.split, seed=config.seed, augment=host_augment)
+    folder = dict(
+        image_size=config.image_size, crop_size=config.crop_size, channels=config.channels,
+        num_classes=config.num_classes, group_by=config.group_by, splits=splits, **common,
+    )
     if config.images or config.masks:
-        return from_directory(
-            images=config.images, masks=config.masks, image_size=config.image_size, crop_size=config.crop_size,
-            channels=config.channels, num_classes=config.num_classes, **common,
-        )
+        return from_directory(images=config.images, masks=config.masks, **folder)
+    if config.data == "synthetic" or config.data.startswith("tfds:"):
+        for flag, value in (("--group-by", config.group_by), ("--folds", config.folds)):
+            if value:
+                raise ValueError(f"{flag} needs a folder dataset (files to group and record), not {config.data!r}.")
     if config.data == "synthetic":
         return synthetic(
             config.num_samples, image_size=config.image_size, task=config.task, channels=config.channels or 1, **common
         )
     if config.data.startswith("tfds:"):
         return from_tfds(config.data[5:], image_size=config.image_size, num_classes=config.num_classes, **common)
-    return from_directory(
-        config.data, image_size=config.image_size, crop_size=config.crop_size, channels=config.channels,
-        num_classes=config.num_classes, **common,
-    )
+    return from_directory(config.data, **folder)
 
 
-def model_from_config(config: TrainConfig, channels: int, num_classes: int) -> keras.Model:
+def model_from_config(
+    config: TrainConfig, channels: int, num_classes: int, preprocessing: dict | None = None
+) -> keras.Model:
     """Build the model a configuration describes, for `channels` inputs and `num_classes`.
+
+    Args:
+        config: TrainConfig. The model settings.
+        channels: int. Input channels.
+        num_classes: int. 1 for binary, K > 1 for K classes.
+        preprocessing: dict or None. Settings of the model's `InputPreprocessing` layer
+            (see `preprocessing_for`); None builds the model without one. Defaults to None.
 
     Example:
         >>> model = model_from_config(TrainConfig(filters=8, depth=3), channels=1, num_classes=1)
     """
-    shape = dict(input_shape=(None, None, channels), num_classes=num_classes, recompute=config.recompute)
+    shape = dict(
+        input_shape=(None, None, channels), num_classes=num_classes, recompute=config.recompute,
+        preprocessing=preprocessing,
+    )
     if config.arch == "unetpp":
         shape["deep_supervision"] = config.deep_supervision
     if config.preset:
         return from_preset(config.preset, arch=config.arch, **shape)
     return build_model(
         config.arch, depth=config.depth, filters=config.filters, batch_norm=config.batch_norm,
-        dropout=config.dropout, l2=config.l2, upsampling=config.upsampling, **shape,
+        bn_momentum=config.bn_momentum, dropout=config.dropout, l2=config.l2, upsampling=config.upsampling, **shape,
+    )
+
+
+def intensity_percentiles(dataset, percentiles=(1.0, 99.0, 99.8), max_pixels: int = 4_000_000) -> dict:
+    """Percentiles of the image intensities of a dataset of (images, masks) batches.
+
+    Reads batches until about `max_pixels` values are collected (all of a small dataset).
+
+    Args:
+        dataset: iterable of (images, masks) batches, e.g. `data.train`.
+        percentiles: tuple of floats in [0, 100]. Defaults to (1.0, 99.0, 99.8).
+        max_pixels: int. Stop reading once this many values are collected. Defaults to 4e6.
+
+    Returns:
+        dict: {percentile: value} as floats.
+
+    Example:
+        >>> intensity_percentiles(data.train)[99.0]
+    """
+    parts, seen = [], 0
+    for images, _ in dataset:
+        values = np.asarray(images, np.float32).ravel()
+        parts.append(values)
+        seen += values.size
+        if seen >= max_pixels:
+            break
+    if not parts:
+        raise ValueError("the training split is empty: no images to measure.")
+    found = np.percentile(np.concatenate(parts), percentiles)
+    return {float(p): float(v) for p, v in zip(percentiles, found)}
+
+
+# Below this 99th percentile (as a fraction of the dtype's range) "fixed" scaling leaves images nearly black.
+DIM_FRACTION = 0.01
+
+
+def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict:
+    """The model's input preprocessing for a run: normalization and the training geometry.
+
+    "dataset" normalization maps the training split's 1st..99.8th intensity percentiles to
+    0..1. With "fixed" (divide by the dtype's range), images whose 99th percentile stays
+    under 1% of that range (a 16-bit file holding 12-bit camera data) warn once with the fix.
+
+    Args:
+        config: TrainConfig. `normalize`, `crop_size` and `data` are read.
+        data: SegmentationData. The opened data (its train split is measured).
+
+    Returns:
+        dict: keyword arguments of `unetpp_tf.models.InputPreprocessing`.
+
+    Example:
+        >>> preprocessing_for(TrainConfig(normalize="dataset"), data)["normalize"]
+        'dataset'
+    """
+    settings = dict(normalize=config.normalize, image_size=data.image_size, resize=_resize_policy(config))
+    if config.normalize in ("fixed", "dataset"):
+        levels = intensity_percentiles(data.train)
+        if config.normalize == "dataset":
+            settings.update(low=levels[1.0], high=max(levels[99.8], levels[1.0] + 1e-6))
+        elif levels[99.0] < DIM_FRACTION:
+            warnings.warn(
+                f"with --normalize fixed the training images are almost black: 99% of their pixels are below "
+                f"{levels[99.0]:.2%} of their type's range (16-bit files holding 12-bit data?); "
+                "use --normalize dataset or --normalize percentile.",
+                stacklevel=2,
+            )
+    return settings
+
+
+def _resize_policy(config: TrainConfig) -> str:
+    """How training images met the model: random crops at native scale, resized, or as rendered."""
+    if config.crop_size:
+        return "crop"
+    if config.data == "synthetic" and not (config.images or config.masks):
+        return "none"
+    return "resize" if config.image_size else "none"
+
+
+def training_schedule(config: TrainConfig, train_count: int) -> dict:
+    """Steps per epoch and in total: at least `min_steps` optimizer steps, whatever the data size.
+
+    A tiny training split gives few steps per epoch (96 images at batch 16: 6), too few for
+    the weights to converge in a usual number of epochs. When `epochs` full passes give fewer
+    than `min_steps` steps, each epoch is stretched to `ceil(min_steps / epochs)` steps by
+    repeating the (reshuffled) training split; the returned `note` says so.
+
+    Args:
+        config: TrainConfig. `epochs`, `batch_size` and `min_steps` are read.
+        train_count: int. Images in the training split.
+
+    Returns:
+        dict: `steps_per_epoch`, `total_steps`, `passes_per_epoch` (float) and `note` (str or None).
+
+    Example:
+        >>> training_schedule(TrainConfig(epochs=40, batch_size=16, min_steps=1000), 96)["steps_per_epoch"]
+        25
+    """
+    full = max(1, math.ceil(train_count / config.batch_size))
+    steps = max(full, math.ceil(config.min_steps / config.epochs))
+    note = None
+    if steps > full:
+        note = (
+            f"small training split: {train_count} images give {full} step(s) per epoch, "
+            f"{full * config.epochs} in {config.epochs} epochs; each epoch runs {steps} steps "
+            f"(the split repeated, reshuffled) for {steps * config.epochs} steps in all (--min-steps {config.min_steps})"
+        )
+    return dict(
+        steps_per_epoch=steps, total_steps=steps * config.epochs, passes_per_epoch=steps / full, note=note
     )
 
 
@@ -115,13 +271,13 @@ def _loss(config: TrainConfig, num_classes: int) -> keras.losses.Loss:
     return losses_module.get(name)
 
 
-def _optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def _optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
     rate = config.learning_rate
     if config.schedule == "cosine":
-        warmup = min(config.warmup_epochs, config.epochs - 1) * steps_per_epoch
+        warmup = min(config.warmup_steps, total_steps // 2)
         rate = keras.optimizers.schedules.CosineDecay(
             rate / 10 if warmup else rate,
-            decay_steps=config.epochs * steps_per_epoch - warmup,
+            decay_steps=total_steps - warmup,
             warmup_target=rate if warmup else None,
             warmup_steps=warmup,
         )
@@ -182,7 +338,8 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _atomic_save(model: keras.Model, path: Path) -> None:
+def save_atomically(model: keras.Model, path: Path) -> None:
+    """Save `model` to a temporary `.keras` file beside `path` and rename it into place."""
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     model.save(partial)
     os.replace(partial, path)
@@ -209,8 +366,35 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             raise KeyError(f"monitor {self.monitor!r} not in the logs {sorted(logs or {})}.")
         if math.isfinite(value) and value > self.best and not self.model.stop_training:
             self.best = float(value)
-            _atomic_save(self.model_to_save, self.path)
+            save_atomically(self.model_to_save, self.path)
             self.state.write_text(json.dumps({"best": self.best, "epoch": epoch + 1, "monitor": self.monitor}))
+
+
+class ValidationDice(keras.callbacks.Callback):
+    """Add `val_dice` and `val_iou` of the output that evaluation, prediction and export use.
+
+    For a deep-supervision model that output is the mean of the heads ("accurate" mode), which
+    Keras' per-output metrics do not score; the values come from `evaluate`, the function
+    that scores the test split, so checkpoint selection and the final metrics agree. Place it
+    before the callbacks that read the logs.
+
+    Args:
+        model_to_score: keras.Model. The (multi-output) model being trained.
+        dataset: tf.data.Dataset. Validation batches of (images, masks).
+        num_classes: int. 1 for binary, K for K classes.
+
+    Example:
+        >>> callbacks = [ValidationDice(model, data.val, data.num_classes), CSVLogger(...)]
+    """
+
+    def __init__(self, model_to_score: keras.Model, dataset, num_classes: int):
+        super().__init__()
+        self.scored, self.dataset, self.num_classes = as_single_output(model_to_score), dataset, num_classes
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            metrics = evaluate(self.scored, self.dataset, num_classes=self.num_classes)["metrics"]
+            logs["val_dice"], logs["val_iou"] = metrics["dice"], metrics["iou"]
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -233,7 +417,7 @@ class StopOnNaN(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------- run directory
 
 
-def _resolve_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def resolve_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     root = Path(config.output_dir)
     if config.name:
         run = root / config.name
@@ -271,18 +455,24 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    splits: dict | None = None,
     callbacks: list | None = None,
     verbose="auto",
 ):
     """Train a model as `config` says and write a run directory.
 
+    With `config.folds` = K >= 2 this trains K models on K disjoint validation folds and
+    their ensemble (`unetpp_tf.crossval.train_folds`).
+
     Args:
         config: TrainConfig, dict or None. The settings; None trains the defaults (the
             built-in synthetic task). Defaults to None.
-        resume: bool. Continue an interrupted run from its last finished epoch.
-            Defaults to False.
+        resume: bool. Continue an interrupted run from its last finished epoch, on the
+            files it recorded in `splits.json`. Defaults to False.
         overwrite: bool. Replace an existing run directory of the same name.
             Defaults to False.
+        splits: dict or None. Folder data: the (image, mask) files of each split to use
+            instead of splitting the folder. Defaults to None.
         callbacks: list or None. Extra Keras callbacks for `fit`. Defaults to None.
         verbose: "auto", 0, 1 or 2. Keras' progress output. Defaults to "auto".
 
@@ -295,19 +485,36 @@ def train(
     Example:
         >>> run_dir, history = unetpp_tf.train({"epochs": 5, "filters": 8})
     """
-    if config is None:
-        config = TrainConfig()
-    elif isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    run = _resolve_run_dir(config, resume, overwrite)
+    config = as_config(config)
+    if config.folds:
+        from unetpp_tf.crossval import train_folds  # deferred: crossval builds on this module
+
+        return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
+    run = resolve_run_dir(config, resume, overwrite)
     if resume and (run / "metrics.json").exists() and not (run / "backup").exists():
         raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
-    data = load_data(config)
+    if splits is None and resume and (run / SPLITS_FILE).exists():
+        splits = read_splits(run)
+    data = load_data(config, splits=splits)
+    with training_policy(config):
+        return run, _fit(config, data, run, resume, list(callbacks or []), verbose)
+
+
+def as_config(config: TrainConfig | dict | None) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a dict of settings, or None (the defaults)."""
+    if config is None:
+        return TrainConfig()
+    return TrainConfig.from_dict(config) if isinstance(config, dict) else config
+
+
+@contextlib.contextmanager
+def training_policy(config: TrainConfig):
+    """Seed everything and set the mixed-precision policy for the block; restore the policy after."""
     previous_policy = keras.mixed_precision.global_policy()
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(MIXED_PRECISION[config.mixed_precision])
     try:
-        return run, _fit(config, data, run, resume, list(callbacks or []), verbose)
+        yield
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -365,33 +572,37 @@ def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> t
 
 
 def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, extra: list, verbose) -> dict:
-    steps = math.ceil(data.counts["train"] / config.batch_size)
+    schedule = training_schedule(config, data.counts["train"])
+    if schedule["note"]:
+        logger.info(schedule["note"])
     strategy = make_strategy(config.strategy)
     train_set, val_set = replica_batches(data, config.batch_size, strategy.num_replicas_in_sync)
+    preprocessing = preprocessing_for(config, data)
     with strategy.scope():
-        model = model_from_config(config, data.channels, data.num_classes)
+        model = model_from_config(config, data.channels, data.num_classes, preprocessing)
         final = model.output_names[-1]
         scores = [metrics_module.Dice(num_classes=data.num_classes), metrics_module.IoU(num_classes=data.num_classes)]
         trainer = model
         if config.augment == "device":
             trainer = AugmentedModel(model, make_augmenter(config))
         trainer.compile(
-            optimizer=_optimizer(config, steps),
+            optimizer=_optimizer(config, schedule["total_steps"]),
             loss=_loss(config, data.num_classes),
             metrics={final: scores} if len(model.outputs) > 1 else scores,
             jit_compile=use_xla(config.xla),
         )
-    monitor = f"val_{final}_dice" if len(model.outputs) > 1 else "val_dice"
     nan_guard = StopOnNaN()
+    scoring = [ValidationDice(model, val_set, data.num_classes)] if len(model.outputs) > 1 else []
     callbacks = [
+        *scoring,  # first: the callbacks below read the val_dice it adds
         nan_guard,
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=resume),
-        BestModelCheckpoint(model, run / "model.keras", monitor, run / "best.json"),
+        BestModelCheckpoint(model, run / "model.keras", MONITOR, run / "best.json"),
         keras.callbacks.BackupAndRestore(str(run / "backup")),  # last: an epoch counts once all is written
         *extra,
     ]
     if config.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max", patience=config.early_stopping))
+        callbacks.append(keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=config.early_stopping))
     if config.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=3, min_lr=1e-6))
     started = time.time()
@@ -400,9 +611,13 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     if not resume:
         for stale in ("history.csv", "best.json", "model.keras", "metrics.json"):
             (run / stale).unlink(missing_ok=True)
+    if data.files:
+        write_metrics_json(data.files, run / SPLITS_FILE)
     train_set, val_set = targets_per_head(train_set, model), targets_per_head(val_set, model)
+    stretched = dict(steps_per_epoch=schedule["steps_per_epoch"]) if schedule["note"] else {}
     trainer.fit(
-        train_set, validation_data=val_set, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False
+        train_set.repeat() if stretched else train_set, validation_data=val_set, epochs=config.epochs,
+        callbacks=callbacks, verbose=verbose, shuffle=False, **stretched,
     )
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
@@ -415,26 +630,43 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
             "Lower --learning-rate, set --clipnorm, or check the data for bad values."
         )
     history = _read_history(run / "history.csv")
-    _finish(config, data, run, history, time.time() - started)
+    record = {
+        "best_val_dice": json.loads((run / "best.json").read_text())["best"],
+        "epochs": len(next(iter(history.values()), [])),
+        "train_seconds": round(time.time() - started, 1),
+        "schedule": {k: v for k, v in schedule.items() if k != "note"},
+        "preprocessing": preprocessing,
+    }
+    finish_run(config, data, run, record, history)
     return history
 
 
-def _finish(config: TrainConfig, data: SegmentationData, run: Path, history: dict, seconds: float) -> None:
-    """Evaluate the best model on the test split, draw figures, export."""
+def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: dict, history: dict | None) -> None:
+    """Evaluate the run's `model.keras` on the test split, draw figures, export, write metrics.json.
+
+    Args:
+        config: TrainConfig. Export settings are read.
+        data: SegmentationData. Its test split is scored.
+        run: Path. The run directory holding `model.keras`.
+        record: dict. Entries for metrics.json besides the test metrics.
+        history: dict or None. Per-epoch logs for curves.png; None draws no curves.
+
+    Example:
+        >>> finish_run(config, data, run, {"train_seconds": 12.0}, history)
+    """
     best = keras.models.load_model(run / "model.keras")
     result = evaluate(best, data.test, num_classes=data.num_classes)
     record = {
         "test": result["metrics"],
-        "best_val_dice": json.loads((run / "best.json").read_text())["best"],
-        "epochs": len(next(iter(history.values()), [])),
+        **record,
         "parameters": best.count_params(),
-        "train_seconds": round(seconds, 1),
         "counts": data.counts,
         "source": data.source,
     }
     figures = run / "figures"
     figures.mkdir(exist_ok=True)
-    viz.plot_history(history, path=figures / "curves.png")
+    if history:
+        viz.plot_history(history, path=figures / "curves.png")
     images, masks = next(iter(data.test))
     probabilities = as_single_output(best).predict(images, verbose=0)
     viz.plot_predictions(images, masks, probabilities, path=figures / "predictions.png")
