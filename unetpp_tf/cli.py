@@ -118,10 +118,17 @@ def _train(args) -> int:
     run, history = train(
         _config_from_args(args), resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else "auto"
     )
-    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    record = json.loads((run / "metrics.json").read_text())
+    metrics = record["test"]
     scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("dice", "iou", "precision", "recall") if k in metrics)
     print(f"run: {run}")
-    print(f"test: {scores}")
+    if "cross_validation" in record:
+        folds = record["cross_validation"]
+        each = ", ".join(f"{row['best_val_dice']:.4f}" for row in folds["folds"])
+        print(f"folds: validation dice {folds['val_dice_mean']:.4f} +- {folds['val_dice_std']:.4f} ({each})")
+        print(f"test (ensemble of {len(folds['folds'])}): {scores}")
+    else:
+        print(f"test: {scores}")
     return 0
 
 
