@@ -21,11 +21,13 @@ from unetpp_tf.evaluation import evaluate  # noqa: E402
 from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
 from unetpp_tf.models import (  # noqa: E402
     PRESETS,
+    InputPreprocessing,
     build_model,
     build_unet,
     build_unetpp,
     from_preset,
     inference_model,
+    model_preprocessing,
     prune,
 )
 from unetpp_tf.training import train  # noqa: E402
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "InputPreprocessing",
     "TrainConfig",
     "__version__",
     "build_model",
@@ -47,6 +50,7 @@ __all__ = [
     "load_model",
     "losses",
     "metrics",
+    "model_preprocessing",
     "predict",
     "predict_files",
     "prune",

@@ -10,19 +10,29 @@ write `export_report.json`. Any failure leaves `output_dir` as it was.
 Artifacts (`stem` is "model", or "model_L{level}" for a pruned head):
 
     saved_model/ (saved_model_L{level}/)   signatures "serving_default" (uint8 images)
-                                            and "serve_float" (float32 images in [0, 1])
+                                            and "serve_float" (float32 images, see below)
     {stem}_float32.tflite                   quantize "none": float32 in, float32 out
     {stem}_float16.tflite                   float16 weights; float32 in/out
     {stem}_dynamic.tflite                   int8 weights, float activations; float32 in/out
     {stem}_int8.tflite                      full integer; uint8 in, uint8 out (see below)
     {stem}_inference.keras                  format "keras": the single-output Keras model
 
-TFLite files take one image: float32 [1, H, W, C] in [0, 1] and return float32
-probabilities [1, H, W, K]. The int8 file takes uint8 [1, H, W, C] and returns uint8
-probabilities: the input is quantized with scale 1/255 and zero point 0 (the calibration
-pins the input range to [0, 1]), so raw 8-bit pixels go in unchanged; read the output as
+Float inputs are images as the data pipeline gives them, scaled by their dtype's range
+(8-bit / 255, 16-bit / 65535, float images as they are); a model built with
+`preprocessing=` normalizes them in its own graph (`InputPreprocessing`), so every artifact
+applies the same normalization. The uint8 "serving_default" signature divides by 255: it is
+for 8-bit images; give 16-bit images to "serve_float" as x / 65535.
+
+TFLite files take one image: float32 [1, H, W, C] and return float32 probabilities
+[1, H, W, K]. The int8 file takes uint8 [1, H, W, C] and returns uint8 probabilities: the
+input is quantized with scale 1/255 and zero point 0 (the calibration pins the input range to
+[0, 1]), so raw 8-bit pixels go in unchanged (it is for 8-bit images too); read the output as
 `scale * (q - zero_point)` with the output tensor's quantization parameters.
-`TFLiteModel` does all of this for you.
+`TFLiteModel` does all of this for you. Every file carries the model's settings (number of
+classes, mode, level and the `InputPreprocessing` settings, among them the training image
+size and resize policy that `predict_files` follows): a SavedModel in
+`assets.extra/unetpp_tf.json`, a TFLite file as flatbuffer metadata named "unetpp_tf"; the
+runners expose them as `.metadata` and `.preprocessing`.
 
 Example:
     >>> report = export_model(model, "export", quantize=("none", "int8"),
@@ -50,6 +60,7 @@ import tensorflow as tf
 from unetpp_tf._native_logs import native_stderr_silenced
 from unetpp_tf.metrics import confusion_counts, ratios_from_counts
 from unetpp_tf.models.analysis import size_divisor
+from unetpp_tf.models.preprocessing import model_preprocessing
 from unetpp_tf.models.pruning import inference_model, supervision_heads
 
 FORMATS = ("keras", "saved_model", "tflite")
@@ -64,6 +75,7 @@ DEFAULT_THRESHOLDS = {
 }
 REPORT_NAME = "export_report.json"
 METADATA_PATH = "assets.extra/unetpp_tf.json"  # inside a SavedModel; TF ignores assets.extra
+METADATA_NAME = "unetpp_tf"  # the flatbuffer metadata entry of a TFLite file
 _FILE_DTYPE = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
 
@@ -95,8 +107,8 @@ def _as_image_batch(images) -> np.ndarray:
         )
     if np.issubdtype(array.dtype, np.integer):
         raise ValueError(
-            f"images must be float32 in [0, 1], got dtype {array.dtype}; divide 8-bit "
-            "images by 255 first."
+            f"images must be float32, got dtype {array.dtype}; scale them by their dtype's range "
+            "first (8-bit / 255, 16-bit / 65535)."
         )
     return array.astype(np.float32, copy=False)
 
@@ -143,12 +155,17 @@ class _ExportedModel:
         """Output channels K (1 for a binary sigmoid model)."""
         return int(self.output_shape[-1])
 
+    @property
+    def preprocessing(self) -> dict | None:
+        """The exported model's `InputPreprocessing` settings (see `model_preprocessing`), or None."""
+        return self.metadata.get("preprocessing")
+
     def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
         """Keras-style alias of `__call__`; also accepts an iterable of batches.
 
         Args:
-            x: array, tensor or iterable. Images [N, H, W, C] in [0, 1], or a dataset of
-                images or (images, masks) batches.
+            x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
+                dtype's range), or a dataset of images or (images, masks) batches.
             batch_size: int or None. Ignored (kept for Keras compatibility). Defaults to None.
             verbose: int. Ignored, for Keras compatibility. Defaults to 0.
 
@@ -168,10 +185,12 @@ class _ExportedModel:
 class TFLiteModel(_ExportedModel):
     """Run a `.tflite` segmentation model like a Keras model (LiteRT interpreter).
 
-    Images go in as float32 [N, H, W, C] in [0, 1] whatever the file's input type:
-    int8/uint8 inputs are quantized with the file's scale and zero point and quantized
-    outputs are dequantized, so `__call__` always returns float32 probabilities
-    [N, H, W, K]. The file holds a batch-1 graph; batches run one image at a time.
+    Images go in as float32 [N, H, W, C], scaled by their dtype's range (8-bit / 255,
+    16-bit / 65535), whatever the file's input type: int8/uint8 inputs are quantized with
+    the file's scale and zero point (1/255 for `export_model`'s int8 files, so those are
+    for 8-bit images) and quantized outputs are dequantized, so `__call__` always returns
+    float32 probabilities [N, H, W, K]. The file holds a batch-1 graph; batches run one
+    image at a time. `metadata` holds the settings `export_model` embedded ({} otherwise).
 
     Args:
         path: str or Path. The `.tflite` file.
@@ -201,6 +220,7 @@ class TFLiteModel(_ExportedModel):
         if len(shape) != 4:
             raise ValueError(f"{self.path} takes inputs of shape {shape}; expected [1, H, W, C].")
         self._image_shape = shape[1:]
+        self.metadata = _read_tflite_metadata(self.path.read_bytes())
 
     def _probabilities_output(self):
         outputs = self._interpreter.get_output_details()
@@ -259,7 +279,7 @@ class TFLiteModel(_ExportedModel):
         return output.astype(np.float32, copy=False)
 
     def __call__(self, images) -> np.ndarray:
-        """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C] in [0, 1]."""
+        """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C]."""
         batch = _as_image_batch(images)
         if batch.shape[1:] != self._image_shape:
             h, w, c = self._image_shape
@@ -282,9 +302,9 @@ class TFLiteModel(_ExportedModel):
 class SavedModelRunner(_ExportedModel):
     """Run an exported SavedModel with the same interface as `TFLiteModel`.
 
-    Uses the "serve_float" signature (float32 images in [0, 1]) written by
-    `export_model`; a SavedModel from `model.export()` works too through its float
-    "serving_default"/"serve" signature.
+    Uses the "serve_float" signature (float32 images scaled by their dtype's range) written
+    by `export_model`; a SavedModel from `model.export()` works too through its float
+    "serving_default"/"serve" signature. `metadata` holds `assets.extra/unetpp_tf.json`.
 
     Args:
         path: str or Path. The SavedModel directory.
@@ -346,7 +366,7 @@ class SavedModelRunner(_ExportedModel):
         return np.dtype(np.float32)
 
     def __call__(self, images) -> np.ndarray:
-        """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C] in [0, 1]."""
+        """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C]."""
         batch = _as_image_batch(images)
         results = []
         for start in range(0, len(batch), self.batch_size):
@@ -358,8 +378,8 @@ class SavedModelRunner(_ExportedModel):
         """Keras-style alias of `__call__`; also accepts an iterable of batches.
 
         Args:
-            x: array, tensor or iterable. Images [N, H, W, C] in [0, 1], or a dataset of
-                images or (images, masks) batches.
+            x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
+                dtype's range), or a dataset of images or (images, masks) batches.
             batch_size: int or None. Images per call; None keeps the runner's.
                 Defaults to None.
             verbose: int. Ignored, for Keras compatibility. Defaults to 0.
@@ -415,6 +435,9 @@ def _fixed_size(model: keras.Model, image_size, required: bool):
     if image_size is None:
         if height is not None and width is not None:
             return (int(height), int(width))
+        recorded = (model_preprocessing(model) or {}).get("image_size")
+        if recorded is not None:
+            return _fixed_size(model, recorded, required)
         if required:
             raise ValueError(
                 f"model {model.name!r} takes images of any size ({height} x {width}); TFLite "
@@ -448,8 +471,8 @@ def _collect_images(source, size, channels: int, limit: int, what: str) -> list:
             array = array[None]
         if array.ndim != 4:
             raise ValueError(f"{what} must yield images [B, H, W, C] or [H, W, C], got shape {array.shape}.")
-        if np.issubdtype(array.dtype, np.integer):
-            array = array.astype(np.float32) / 255.0  # 8-bit images, as training scaled them
+        if np.issubdtype(array.dtype, np.integer):  # as the pipeline scales them: by the dtype's range
+            array = array.astype(np.float32) / (65535.0 if array.dtype == np.uint16 else 255.0)
         array = array.astype(np.float32, copy=False)
         if array.shape[-1] != channels:
             raise ValueError(f"{what} images have {array.shape[-1]} channels; the model takes {channels}.")
@@ -526,15 +549,53 @@ def _saved_model(model: keras.Model, path: Path, mode: str, level) -> None:
         archive.add_endpoint(name, fn, input_signature=[tf.TensorSpec(shape, dtype, name="images")])
     archive.write_out(str(path), verbose=False)
     metadata = {
+        **_metadata(model, mode, level),
         "input_shape": [None, height, width, channels],
-        "num_classes": int(num_classes),
-        "size_divisor": size_divisor(model),
-        "mode": mode,
-        "level": level,
-        "input_signatures": {"serving_default": "uint8 [0, 255]", "serve_float": "float32 [0, 1]"},
+        "input_signatures": {
+            "serving_default": "uint8 [0, 255], 8-bit images (divided by 255)",
+            "serve_float": "float32, images scaled by their dtype's range (8-bit / 255, 16-bit / 65535)",
+        },
     }
     (path / METADATA_PATH).parent.mkdir(exist_ok=True)
     (path / METADATA_PATH).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def _metadata(model: keras.Model, mode: str, level) -> dict:
+    """The settings every artifact carries: classes, divisor, mode, level, preprocessing."""
+    return {
+        "num_classes": int(model.output_shape[-1]),
+        "size_divisor": size_divisor(model),
+        "mode": mode,
+        "level": level,
+        "preprocessing": model_preprocessing(model),
+    }
+
+
+def _with_tflite_metadata(content: bytes, metadata: dict) -> bytes:
+    """TFLite bytes with `metadata` added as a JSON flatbuffer metadata entry named "unetpp_tf"."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(metadata).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _read_tflite_metadata(content: bytes) -> dict:
+    """The "unetpp_tf" metadata of TFLite bytes, or {} when the file has none."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(content, 0)
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return {}
 
 
 def _tflite_source(model: keras.Model, path: Path, size) -> None:
@@ -737,12 +798,15 @@ def export_model(
             "dynamic" (int8 weights) and "int8" (full integer, uint8 in/out; needs
             `calibration`). Defaults to ("none",).
         image_size: tuple or None. (height, width) of the TFLite input; the SavedModel
-            stays dynamic when the model is. Defaults to the model's fixed input size.
+            stays dynamic when the model is. Defaults to the model's fixed input size, else
+            the training image size its `InputPreprocessing` records.
         mode: str. "accurate" or "fast". Defaults to "accurate".
         level: int or None. Head kept in "fast" mode. Defaults to the deepest head.
-        calibration: iterable or None. Float32 images [B, H, W, C] in [0, 1] or
+        calibration: iterable or None. Images [B, H, W, C] as the data pipeline gives them
+            (float32 scaled by the dtype's range; uint8 and uint16 arrays are scaled here) or
             (images, masks) batches, e.g. `data.val`; resized to the fixed size. The int8
-            representative dataset. Defaults to None.
+            representative dataset; a model with `InputPreprocessing` normalizes them in its
+            graph. Defaults to None.
         samples: iterable or None. Images or (images, masks) batches for the parity
             check. Defaults to `calibration`.
         allow_flex: bool. Let TFLite fall back to TensorFlow (Flex) ops instead of
@@ -786,7 +850,7 @@ def export_model(
     if wants_int8 and calibration is None:
         raise ValueError(
             "quantize='int8' needs calibration images: pass calibration=data.val (an iterable "
-            "of float32 [B, H, W, C] images in [0, 1] or (images, masks) batches), or drop "
+            "of float32 [B, H, W, C] images or (images, masks) batches), or drop "
             "'int8' and use 'dynamic'."
         )
     if samples is None:
@@ -858,9 +922,11 @@ def export_model(
         if "tflite" in formats:
             source = staging / ".tflite_source"
             _tflite_source(single, source, size)
+            metadata = _metadata(single, mode, level)
             for quant in quantize:
                 name = f"{stem}_{_FILE_DTYPE[quant]}"
-                (staging / f"{name}.tflite").write_bytes(_convert(source, quant, representative, allow_flex))
+                content = _with_tflite_metadata(_convert(source, quant, representative, allow_flex), metadata)
+                (staging / f"{name}.tflite").write_bytes(content)
                 record(name, f"{name}.tflite", "tflite", quant, _tflite_runner(allow_flex, num_threads))
             shutil.rmtree(source)
 

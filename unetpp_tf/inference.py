@@ -1,10 +1,12 @@
 """Prediction: load a model, run it on arrays or image files, tile large images, flip TTA.
 
-`predict` takes float32 images in [0, 1] of any size. A model with a fixed input size (or any
-model when `tile_size` is given) runs on overlapping windows that are blended with a smooth
-weight; a None x None model runs on the whole image, reflection-padded up to a multiple of its
-downsampling factor and cropped back. Windows go through the model `batch_size` at a time and
-are accumulated into one canvas per image, so memory stays bounded for very large images.
+`predict` takes float32 images of any size, scaled by their dtype's range (8-bit / 255, 16-bit /
+65535) as the data pipeline gives them; a model built with `preprocessing=` normalizes them
+itself. A model with a fixed input size (or any model when `tile_size` is given) runs on
+overlapping windows that are blended with a smooth weight; a None x None model runs on the
+whole image, reflection-padded up to a multiple of its downsampling factor and cropped back.
+Windows go through the model `batch_size` at a time and are accumulated into one canvas per
+image, so memory stays bounded for very large images.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tensorflow as tf
 from unetpp_tf import losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
 from unetpp_tf.data.decode import IMAGE_EXTENSIONS, check_size, pil_image_array
 from unetpp_tf.models.analysis import size_divisor
+from unetpp_tf.models.preprocessing import model_preprocessing
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
 
 DEFAULT_TILE = 256
@@ -230,7 +233,8 @@ def predict(
     Args:
         model: keras.Model or str. A model (deep-supervision models are made single-output
             with `mode`/`level`) or a path for `load_model`.
-        images: array or tensor. float32 [N, H, W, C] in the model's input scaling ([0, 1]).
+        images: array or tensor. float32 [N, H, W, C], scaled by the dtype's range as the
+            data pipeline gives them (8-bit / 255, 16-bit / 65535, floats kept).
         batch_size: int. Images (or windows) per forward pass. Defaults to 8.
         tile_size: int, tuple or None. (height, width) of the windows; None tiles only when
             the model has a fixed input size that differs from the images, using that size
@@ -386,6 +390,30 @@ def _write_png(array: np.ndarray):
     return lambda temp: Image.fromarray(array).save(temp, format="PNG")
 
 
+def prediction_size(model, image_size=None) -> tuple[int, int] | None:
+    """The (height, width) `predict_files` resizes images to, or None for their own size.
+
+    An explicit `image_size` wins; otherwise a model trained on resized images (its
+    `InputPreprocessing` has resize="resize", also recorded in exported files) gives its
+    training size, and a model trained on crops or at native size ("crop", "none") gives None.
+
+    Args:
+        model: keras.Model or exported model. The model `predict_files` runs.
+        image_size: int, tuple or None. An explicit size. Defaults to None.
+
+    Returns:
+        tuple or None: (height, width).
+
+    Example:
+        >>> prediction_size(build_unetpp(preprocessing={"image_size": (64, 64), "resize": "resize"}))
+        (64, 64)
+    """
+    if image_size is not None:
+        return check_size(image_size, "image_size")
+    settings = model_preprocessing(model) or {}
+    return tuple(settings["image_size"]) if settings.get("resize") == "resize" else None
+
+
 def predict_files(
     model: keras.Model,
     inputs,
@@ -399,11 +427,13 @@ def predict_files(
 ) -> list[Path]:
     """Segment image files and write one mask PNG per image, named after it.
 
-    Each image (PNG, JPEG, BMP, TIFF; gray or RGB, converted to the model's channels) is
-    scaled to [0, 1] and predicted at its own size with `predict` (tiled when larger than a
-    fixed model input). Masks are written as `<stem>.png`: 0/255 for binary models, class ids
-    for multi-class ones. Every input is checked before anything is written, and the files are
-    staged under temporary names and moved into place only when all images succeeded.
+    Each image (PNG, JPEG, BMP, TIFF; 8-bit, 16-bit or float; gray or RGB, converted to the
+    model's channels) is scaled by its dtype's range (8-bit / 255, 16-bit / 65535, floats kept)
+    and predicted with `predict` (tiled when larger than a fixed model input): at its own size,
+    or resized to the model's training size when it was trained on resized images. Masks are
+    written as `<stem>.png`: 0/255 for binary models, class ids for multi-class ones. Every
+    input is checked before anything is written, and the files are staged under temporary
+    names and moved into place only when all images succeeded.
 
     Args:
         model: keras.Model or str. The model or a path for `load_model`.
@@ -412,8 +442,9 @@ def predict_files(
         overlay: bool. Also write `<stem>_overlay.png` (mask drawn over the image).
             Defaults to False.
         image_size: int, tuple or None. Resize each image to (height, width) for the model and
-            the probabilities back to the image size; None predicts at the image's own size.
-            Defaults to None.
+            the probabilities back to the image size; None uses `prediction_size(model)`: the
+            training size a model trained on resized images records, else the image's own
+            size. Defaults to None.
         channels: int or None. Channels to read the images with; None uses the model's input
             channels, which it must match when given. Defaults to None.
         threshold: float. Binary foreground threshold. Defaults to 0.5.
@@ -434,7 +465,7 @@ def predict_files(
         raise ValueError(f"model {model.name!r} does not fix its input channels; pass channels=1 or 3.")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
-    image_size = check_size(image_size, "image_size")
+    image_size = prediction_size(model, image_size)
     files = _image_files(inputs)
     output_dir = Path(output_dir)
     names = {}

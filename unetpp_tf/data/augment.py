@@ -3,7 +3,10 @@
 Geometric transforms (flips, 90-degree rotations, rotation, zoom, translation, elastic
 deformation) move image and mask with the same random parameters; masks are resampled
 with nearest-neighbour interpolation only, so they keep integer class ids. Photometric
-transforms (brightness, contrast, gamma, noise, blur) touch the image alone.
+transforms (brightness, contrast, gamma, noise, blur) touch the image alone and are relative to
+each image's own intensities: brightness shifts and noise scale with its spread (max - min),
+contrast changes about its mean and gamma curves run over its [min, max]. A dim 16-bit image in
+[0, 0.06] is then augmented like a full-range 8-bit one, and full-range images as before.
 
 All geometric transforms are composed into one sampling map per image and applied in a
 single resampling pass (bilinear for images, nearest for masks, mirrored borders). Keras'
@@ -60,6 +63,12 @@ def _sample(x, rows, cols, *, bilinear: bool):
     return top * (1 - wr) + bottom * wr
 
 
+def _intensity_range(images):
+    """(min, max - min) of each image [B, H, W, C], shaped [B, 1, 1, 1]."""
+    low = ops.min(images, axis=(1, 2, 3), keepdims=True)
+    return low, ops.max(images, axis=(1, 2, 3), keepdims=True) - low
+
+
 @keras.saving.register_keras_serializable(package="unetpp_tf")
 class SegmentationAugmenter(keras.layers.Layer):
     """Random joint augmentation of an image batch and its mask batch.
@@ -78,11 +87,14 @@ class SegmentationAugmenter(keras.layers.Layer):
         translation: float. Maximum shift as a fraction of the size. Defaults to 0.0.
         elastic: float. Elastic deformation strength: displacement in pixels of a
             smooth random field. Defaults to 0.0.
-        brightness: float. Maximum additive brightness change. Defaults to 0.0.
-        contrast: float. Maximum relative contrast change. Defaults to 0.0.
-        gamma: float. Maximum |log gamma| of a random gamma curve. Defaults to 0.0.
-        noise: float. Maximum standard deviation of additive Gaussian noise.
+        brightness: float. Maximum additive brightness change, as a fraction of each
+            image's intensity spread (max - min). Defaults to 0.0.
+        contrast: float. Maximum relative contrast change about each image's mean.
             Defaults to 0.0.
+        gamma: float. Maximum |log gamma| of a random gamma curve over each image's own
+            [min, max]. Defaults to 0.0.
+        noise: float. Maximum standard deviation of additive Gaussian noise, as a fraction
+            of each image's intensity spread. Defaults to 0.0.
         blur: float. Probability of a Gaussian blur (sigma 1 pixel). Defaults to 0.0.
         value_range: tuple or None. Clip images to this range after photometric
             changes; None for normalized images. Defaults to (0.0, 1.0).
@@ -176,17 +188,18 @@ class SegmentationAugmenter(keras.layers.Layer):
     def _photometric(self, images):
         s = self.settings
         batch = ops.shape(images)[0]
+        low, spread = _intensity_range(images)
         if s["brightness"]:
-            images = images + self._uniform(batch, -s["brightness"], s["brightness"])
+            images = images + self._uniform(batch, -s["brightness"], s["brightness"]) * spread
         if s["contrast"]:
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
             images = (images - mean) * self._uniform(batch, 1 - s["contrast"], 1 + s["contrast"]) + mean
         if s["gamma"]:
-            low, high = s["value_range"] or (0.0, 1.0)
-            unit = ops.clip((images - low) / (high - low), 0.0, 1.0)
-            images = unit ** ops.exp(self._uniform(batch, -s["gamma"], s["gamma"])) * (high - low) + low
+            now_low, now_spread = _intensity_range(images)
+            unit = (images - now_low) / ops.maximum(now_spread, 1e-12)
+            images = unit ** ops.exp(self._uniform(batch, -s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
-            sigma = self._uniform(batch, 0.0, s["noise"])
+            sigma = self._uniform(batch, 0.0, s["noise"]) * spread
             images = images + sigma * keras.random.normal(ops.shape(images), seed=self.seed_generator)
         if s["blur"]:
             taps = ops.convert_to_tensor(_gaussian_taps(1.0), "float32")

@@ -4,8 +4,10 @@ and turning raw mask values into class ids.
 Every source (folder, arrays, tfds) goes through these functions, so an image is scaled,
 resized and cropped the same way wherever it comes from:
 
-- images: float32 [H, W, C] scaled to [0, 1] (uint8 / 255, uint16 / 65535, floats kept),
-  resized bilinearly, then optionally normalized with a (mean, std) pair;
+- images: float32 [H, W, C] scaled by their dtype's range (uint8 / 255, uint16 / 65535, float
+  images kept as they are), resized bilinearly, then optionally normalized with a (mean, std)
+  pair; intensity normalization that travels with the model is the model's own first layer
+  (`unetpp_tf.models.preprocessing.InputPreprocessing`);
 - masks: int32 [H, W, 1] class ids, resized with nearest neighbour (never fractional labels);
 - crops: one window for image and mask, random (seeded, new each epoch) for the train split and
   centred for val/test.
@@ -331,9 +333,11 @@ def rgb_to_classes(mask_rgb: tf.Tensor, table: Mapping[int, int]) -> tf.Tensor:
 
 
 def pil_image_array(image, channels: int) -> np.ndarray:
-    """A PIL image as float32 [H, W, channels] in [0, 1] (alpha dropped, gray <-> RGB converted).
+    """A PIL image as float32 [H, W, channels] scaled by its dtype's range (alpha dropped, gray <-> RGB converted).
 
-    8-bit images are divided by 255, 16-bit by 65535; float ("F") images are kept as they are.
+    8-bit images ("L", "P", "RGB", ...) are divided by 255; 16-bit ones ("I;16", "I;16B",
+    "I;16L", "I;16N": 16-bit PNG and TIFF) and "I" (32-bit integer, how PIL opens some
+    16-bit files) by 65535; 32-bit float ("F", e.g. float TIFF) images are kept as they are.
 
     Args:
         image: PIL.Image.Image. An opened image.

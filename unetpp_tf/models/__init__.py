@@ -1,7 +1,8 @@
-"""UNet++ and U-Net builders, presets, inference-time pruning and training with recomputation."""
+"""UNet++ and U-Net builders, presets, in-model preprocessing, inference-time pruning, recomputed training."""
 
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
+from unetpp_tf.models.preprocessing import NORMALIZE_MODES, RESIZE_POLICIES, InputPreprocessing, model_preprocessing
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
 from unetpp_tf.models.nested_model import NestedModel, RecomputedModel, with_recompute
@@ -10,7 +11,10 @@ from unetpp_tf.models.unetpp import build_unet, build_unetpp
 __all__ = [
     "ARCHITECTURES",
     "INFERENCE_MODES",
+    "NORMALIZE_MODES",
     "PRESETS",
+    "RESIZE_POLICIES",
+    "InputPreprocessing",
     "NestedModel",
     "RecomputedModel",
     "build_model",
@@ -20,6 +24,7 @@ __all__ = [
     "count_flops",
     "from_preset",
     "inference_model",
+    "model_preprocessing",
     "prune",
     "segmentation_head",
     "size_divisor",

@@ -19,6 +19,7 @@ import keras
 
 from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
 from unetpp_tf.models.nested_model import NestedModel, RecomputedModel
+from unetpp_tf.models.preprocessing import preprocessing_layer
 
 
 def _check_depth(depth) -> None:
@@ -99,6 +100,7 @@ def _build(
     width_multiplier: float,
     name: str,
     recompute: bool = False,
+    preprocessing=None,
 ) -> keras.Model:
     _check_depth(depth)
     widths = _resolve_widths(filters, depth, width_multiplier)
@@ -124,9 +126,11 @@ def _build(
     )
 
     inputs = keras.Input(input_shape, name="image")
+    preprocess = preprocessing_layer(preprocessing)
+    image = inputs if preprocess is None else preprocess(inputs)
     x = {}
     for i in range(depth + 1):
-        source = inputs if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
+        source = image if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
         x[i, 0] = conv_block(source, widths[i], name=f"x_{i}_0", **block)
     for j in range(1, depth + 1):
         for i in range(depth - j + 1):
@@ -174,6 +178,7 @@ def build_unetpp(
     output_activation="auto",
     width_multiplier: float = 1.0,
     recompute: bool = False,
+    preprocessing=None,
     name: str = "unetpp",
 ) -> keras.Model:
     """Build a UNet++ (nested U-Net) as a functional `keras.Model`.
@@ -213,6 +218,12 @@ def build_unetpp(
             backward pass and run each node's forward again there, for much less
             training memory at about 0.8x the speed (`unetpp_tf.models.nested_model`).
             Inference and saved models are unaffected. Defaults to False.
+        preprocessing: dict, InputPreprocessing or None. Intensity normalization inside
+            the model, right after the input (a layer named "preprocessing", no weights),
+            so every saved format applies it: a dict of `InputPreprocessing` arguments such
+            as {"normalize": "percentile", "image_size": (64, 64), "resize": "resize"}, or
+            the layer itself. None adds no layer (images go in as the pipeline scales them).
+            Defaults to None.
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
@@ -241,6 +252,7 @@ def build_unetpp(
         width_multiplier=width_multiplier,
         name=name,
         recompute=recompute,
+        preprocessing=preprocessing,
     )
 
 
@@ -266,7 +278,7 @@ def build_unet(
         name: str. Model name. Defaults to "unet".
         **options: the keyword options of `build_unetpp` (batch_norm, bn_momentum, dropout, l2,
             upsampling, activation, kernel_initializer, output_activation,
-            width_multiplier, recompute).
+            width_multiplier, recompute, preprocessing).
 
     Example:
         >>> wide = build_unet((96, 96, 1), filters=(35, 70, 140, 280, 560))
