@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -591,6 +592,10 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
             metrics={final: scores} if len(model.outputs) > 1 else scores,
             jit_compile=use_xla(config.xla),
         )
+    if not resume:  # before the checkpoint reads best.json: an overwritten run starts from scratch
+        for stale in ("history.csv", "best.json", "model.keras", "metrics.json", SPLITS_FILE):
+            (run / stale).unlink(missing_ok=True)
+        shutil.rmtree(run / "backup", ignore_errors=True)  # else BackupAndRestore would resume it
     nan_guard = StopOnNaN()
     scoring = [ValidationDice(model, val_set, data.num_classes)] if len(model.outputs) > 1 else []
     callbacks = [
@@ -608,9 +613,6 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     started = time.time()
     run.mkdir(parents=True, exist_ok=True)  # only now: a bad setting above leaves no directory
     (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if not resume:
-        for stale in ("history.csv", "best.json", "model.keras", "metrics.json"):
-            (run / stale).unlink(missing_ok=True)
     if data.files:
         write_metrics_json(data.files, run / SPLITS_FILE)
     train_set, val_set = targets_per_head(train_set, model), targets_per_head(val_set, model)
