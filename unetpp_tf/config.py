@@ -56,7 +56,7 @@ class TrainConfig:
     split: tuple = (0.7, 0.15, 0.15)
     group_by: str | None = None
     folds: int = 0
-    normalize: str = "fixed"
+    normalize: str = "dataset"
     augment: str = "device"
     augmentation: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
     # model

@@ -572,10 +572,22 @@ def _metadata(model: keras.Model, mode: str, level) -> dict:
 
 
 def _with_tflite_metadata(content: bytes, metadata: dict) -> bytes:
-    """TFLite bytes with `metadata` added as a JSON flatbuffer metadata entry named "unetpp_tf"."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
+    """TFLite bytes with `metadata` added as a JSON flatbuffer metadata entry named "unetpp_tf".
 
+    TensorFlow has no public API for TFLite metadata, so this uses the flatbuffer schema module
+    it ships; if a TensorFlow version lacks it, the file is written without the entry and one
+    warning says so (its users then pass the training image size to predict themselves).
+    """
+    try:
+        from tensorflow.lite.python import schema_py_generated as schema
+        from tensorflow.lite.tools import flatbuffer_utils
+    except ImportError as error:
+        warnings.warn(
+            f"TFLite files are written without their preprocessing settings ({error}); "
+            "pass --image-size to predict with them.",
+            stacklevel=2,
+        )
+        return content
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(metadata).encode(), np.uint8)
@@ -587,8 +599,11 @@ def _with_tflite_metadata(content: bytes, metadata: dict) -> bytes:
 
 
 def _read_tflite_metadata(content: bytes) -> dict:
-    """The "unetpp_tf" metadata of TFLite bytes, or {} when the file has none."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    """The "unetpp_tf" metadata of TFLite bytes, or {} when the file has none (or it cannot be read here)."""
+    try:
+        from tensorflow.lite.python import schema_py_generated as schema
+    except ImportError:
+        return {}
 
     model = schema.Model.GetRootAs(content, 0)
     for index in range(model.MetadataLength()):
