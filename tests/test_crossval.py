@@ -58,7 +58,9 @@ def test_grouped_split_keeps_slides_together(tmp_path):
     run, _ = train(dict(TINY, data=str(data_dir), output_dir=str(tmp_path), name="g", group_by=r"^(slide\d+)_"),
                    verbose=0)
     recorded = json.loads((run / "splits.json").read_text())
-    slides = {name: {image.split("/")[-1].split("_")[0] for image, _ in recorded[name]} for name in ("train", "val", "test")}
+    slides = {
+        name: {image.split("/")[-1].split("_")[0] for image, _ in recorded[name]} for name in ("train", "val", "test")
+    }
     assert not (slides["train"] & slides["val"] or slides["train"] & slides["test"] or slides["val"] & slides["test"])
     assert recorded["groups"]["test"] and set(recorded["groups"]["test"]) == slides["test"]
 

@@ -85,3 +85,27 @@ def test_dataset_normalization_and_dim_image_warning():
         warnings.simplefilter("error")  # full-range images: no warning
         settings = preprocessing_for(TrainConfig(normalize="fixed", image_size=(16, 16)), bright)
     assert settings == {"normalize": "fixed", "image_size": (16, 16), "resize": "none"}
+
+
+def test_cli_says_when_the_schedule_is_stretched_and_warns_on_dim_images(tmp_path, capfd):
+    from PIL import Image
+
+    from unetpp_tf.cli import main
+
+    data = tmp_path / "tiles"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    for k in range(12):  # 16-bit TIFFs holding values up to 500 of 65535
+        image, mask = unetpp_tf.data.synthetic_sample(k, image_size=(32, 32))
+        Image.fromarray((image.numpy()[..., 0] * 500).astype(np.uint16)).save(data / "images" / f"t{k}.tif")
+        Image.fromarray((mask.numpy()[..., 0] * 255).astype(np.uint8)).save(data / "masks" / f"t{k}.png")
+    args = ["train", "--data", str(data), "--output-dir", str(tmp_path), "--name", "dim", "--image-size", "32",
+            "--depth", "2", "--filters", "4", "--batch-size", "4", "--epochs", "2", "--min-steps", "10",
+            "--normalize", "fixed", "--no-export-saved-model", "--no-export-tflite", "--quiet"]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "unetpp-tf: small training split: 8 images give 2 step(s) per epoch, 4 in 2 epochs; each epoch runs 5" in err
+    warning = [line for line in err.splitlines() if line.startswith("unetpp-tf: warning: with --normalize fixed")]
+    assert len(warning) == 1 and "almost black" in warning[0] and "--normalize dataset" in warning[0]
+    history = (tmp_path / "dim" / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + the 2 epochs asked for, each of 5 steps

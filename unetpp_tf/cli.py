@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 import typing
 from pathlib import Path
 
@@ -327,6 +328,11 @@ class _NotesToStderr(logging.Handler):
         print(f"unetpp-tf: {record.getMessage()}", file=sys.stderr)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a Python warning as one `unetpp-tf: warning: ...` line (no source location)."""
+    print(f"unetpp-tf: warning: {message}", file=sys.stderr)
+
+
 def _show_library_notes() -> None:
     log = logging.getLogger("unetpp_tf")
     if not any(isinstance(h, _NotesToStderr) for h in log.handlers):
@@ -339,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_notes()
     try:
-        with native_stderr_silenced():
+        with native_stderr_silenced(), warnings.catch_warnings():
+            warnings.showwarning = _warning_line
             return args.run(args)
     except KeyboardInterrupt:
         print("unetpp-tf: interrupted; continue a training run with the same command and --resume", file=sys.stderr)

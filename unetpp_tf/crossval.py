@@ -135,4 +135,3 @@ def train_folds(
         finish_run(config, data, run, {"cross_validation": folds, "train_seconds": round(time.time() - started, 1)},
                    None)
     return run, histories
-

@@ -260,7 +260,8 @@ def training_schedule(config: TrainConfig, train_count: int) -> dict:
         note = (
             f"small training split: {train_count} images give {full} step(s) per epoch, "
             f"{full * config.epochs} in {config.epochs} epochs; each epoch runs {steps} steps "
-            f"(the split repeated, reshuffled) for {steps * config.epochs} steps in all (--min-steps {config.min_steps})"
+            f"(the split repeated, reshuffled) for {steps * config.epochs} steps in all "
+            f"(--min-steps {config.min_steps})"
         )
     return dict(
         steps_per_epoch=steps, total_steps=steps * config.epochs, passes_per_epoch=steps / full, note=note
