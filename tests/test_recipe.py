@@ -9,7 +9,7 @@ import pytest
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig
-from unetpp_tf.training import intensity_percentiles, preprocessing_for, training_schedule
+from unetpp_tf.training import intensity_percentiles, load_data, preprocessing_for, training_schedule
 
 
 def _inference_gap(bn_momentum: float) -> float:
@@ -109,3 +109,8 @@ def test_cli_says_when_the_schedule_is_stretched_and_warns_on_dim_images(tmp_pat
     assert len(warning) == 1 and "almost black" in warning[0] and "--normalize dataset" in warning[0]
     history = (tmp_path / "dim" / "history.csv").read_text().splitlines()
     assert len(history) == 3  # header + the 2 epochs asked for, each of 5 steps
+    # Tiles already at --image-size: predict keeps new images at their native scale.
+    settings = unetpp_tf.model_preprocessing(keras.models.load_model(tmp_path / "dim" / "model.keras"))
+    assert settings["resize"] == "none" and settings["normalize"] == "fixed" and settings["image_size"] == [32, 32]
+    smaller = TrainConfig(data=str(data), image_size=(16, 16), batch_size=4)
+    assert preprocessing_for(smaller, load_data(smaller))["resize"] == "resize"

@@ -210,7 +210,7 @@ def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict:
         >>> preprocessing_for(TrainConfig(normalize="dataset"), data)["normalize"]
         'dataset'
     """
-    settings = dict(normalize=config.normalize, image_size=data.image_size, resize=_resize_policy(config))
+    settings = dict(normalize=config.normalize, image_size=data.image_size, resize=_resize_policy(config, data))
     if config.normalize in ("fixed", "dataset"):
         levels = intensity_percentiles(data.train)
         if config.normalize == "dataset":
@@ -225,13 +225,26 @@ def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict:
     return settings
 
 
-def _resize_policy(config: TrainConfig) -> str:
-    """How training images met the model: random crops at native scale, resized, or as rendered."""
+def _resize_policy(config: TrainConfig, data: SegmentationData) -> str:
+    """How training images met the model: "crop" (random crops at native scale), "resize"
+    (resized to `image_size`) or "none" (already that size: synthetic data, or tiles cut to it).
+
+    Only "resize" makes `predict` resize new images, so a model trained on 64x64 tiles cut from
+    large images still predicts a large image at its native scale.
+    """
     if config.crop_size:
         return "crop"
-    if config.data == "synthetic" and not (config.images or config.masks):
+    if not config.image_size or config.data == "synthetic" and not (config.images or config.masks):
         return "none"
-    return "resize" if config.image_size else "none"
+    if not data.files:  # tensorflow-datasets: images of any size were resized
+        return "resize"
+    from PIL import Image
+
+    sizes = set()
+    for image, _ in data.files["train"]:
+        with Image.open(image) as opened:
+            sizes.add((opened.height, opened.width))
+    return "none" if sizes == {tuple(config.image_size)} else "resize"
 
 
 def training_schedule(config: TrainConfig, train_count: int) -> dict:
