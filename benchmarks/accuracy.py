@@ -13,6 +13,7 @@ row adds flags or changes the data; each (row, seed) is one `unetpp-tf train` pr
 
     base          135 tiles, 8-bit PNG, the commands above
     96-tiles      96 training tiles
+    32-tiles      32 training tiles (22 after the split: where --min-steps stretches the epochs)
     16-bit        16-bit TIFF from a 12-bit camera (dim once divided by 65535)
     augment-none  --augment none
     no-ds         --no-deep-supervision
@@ -73,6 +74,7 @@ ROWS = {
     for row in (
         Row("base"),
         Row("96-tiles", tiles=96),
+        Row("32-tiles", tiles=32),
         Row("16-bit", bits=16),
         Row("augment-none", ("--augment", "none")),
         Row("no-ds", ("--no-deep-supervision",)),
