@@ -188,7 +188,7 @@ class SegmentationAugmenter(keras.layers.Layer):
     def _photometric(self, images):
         s = self.settings
         batch = ops.shape(images)[0]
-        low, spread = _intensity_range(images)
+        _, spread = _intensity_range(images)
         if s["brightness"]:
             images = images + self._uniform(batch, -s["brightness"], s["brightness"]) * spread
         if s["contrast"]:

@@ -2,6 +2,7 @@
 
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
+from unetpp_tf.models.ensemble import ensemble_model
 from unetpp_tf.models.preprocessing import NORMALIZE_MODES, RESIZE_POLICIES, InputPreprocessing, model_preprocessing
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
@@ -22,6 +23,7 @@ __all__ = [
     "build_unetpp",
     "conv_block",
     "count_flops",
+    "ensemble_model",
     "from_preset",
     "inference_model",
     "model_preprocessing",
