@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -36,6 +35,7 @@ from unetpp_tf.training import (
     load_data,
     read_splits,
     resolve_run_dir,
+    run_finished,
     save_atomically,
     train,
     training_policy,
@@ -69,10 +69,6 @@ def fold_splits(files: dict, folds: int, seed: int = 0) -> list[dict]:
     return [{"train": [pool[i] for i in p["train"]], "val": [pool[i] for i in p["val"]], "test": test} for p in parts]
 
 
-def _fold_finished(run: Path) -> bool:
-    return (run / "metrics.json").exists() and not (run / "backup").exists()
-
-
 def train_folds(
     config: TrainConfig | dict,
     *,
@@ -103,7 +99,7 @@ def train_folds(
     if config.folds < 2:
         raise ValueError(f"train_folds needs folds >= 2, got {config.folds}.")
     run = resolve_run_dir(config, resume, overwrite)
-    if resume and _fold_finished(run):
+    if resume and run_finished(run):
         raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
     started = time.time()
     data = load_data(config, splits=read_splits(run) if resume and (run / SPLITS_FILE).exists() else None)
@@ -117,7 +113,7 @@ def train_folds(
     histories, summary = {}, []
     for k, splits in enumerate(parts, 1):
         name = f"fold_{k}"
-        if not (resume and _fold_finished(run / name)):
+        if not (resume and run_finished(run / name)):
             fold_resume = resume and (run / name / "backup").exists()
             _, histories[name] = train(
                 dataclasses.replace(single, name=name), resume=fold_resume, overwrite=not fold_resume,

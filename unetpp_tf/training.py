@@ -454,6 +454,11 @@ def resolve_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
+def run_finished(run: Path) -> bool:
+    """Whether a run directory holds a finished run (its metrics written, no backup left)."""
+    return (run / "metrics.json").exists() and not (run / "backup").exists()
+
+
 def _read_history(path: Path) -> dict:
     """Read history.csv; an epoch logged twice (a kill between logging and backup) keeps its last row."""
     with open(path, newline="") as handle:
@@ -506,7 +511,7 @@ def train(
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
     run = resolve_run_dir(config, resume, overwrite)
-    if resume and (run / "metrics.json").exists() and not (run / "backup").exists():
+    if resume and run_finished(run):
         raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
     if splits is None and resume and (run / SPLITS_FILE).exists():
         splits = read_splits(run)
