@@ -92,7 +92,7 @@ def test_folder_jpeg_images_match_pil_decoding(tmp_path, channels):
 def test_folder_mixed_gray_rgb_and_rgba(tmp_path):
     rgb = smooth_images(2, channels=3)
     gray = smooth_images(1, channels=1, seed=5)[0]
-    rgba = np.concatenate([rgb[1], np.full((16, 16, 1), 9, np.uint8)], -1)
+    rgba = np.concatenate([rgb[1], np.full((16, 16, 1), 255, np.uint8)], -1)  # opaque: alpha is dropped
     masks = binary_masks(3)
     for name, image, mode in (("a", rgb[0], None), ("b", gray, None), ("c", rgba, "RGBA")):
         save(tmp_path / "images" / f"{name}.png", image, mode)
@@ -102,7 +102,7 @@ def test_folder_mixed_gray_rgb_and_rgba(tmp_path):
     assert data.channels == 3
     np.testing.assert_allclose(x[0], rgb[0] / 255.0, atol=1e-6)
     np.testing.assert_allclose(x[1], np.repeat(gray[..., None], 3, -1) / 255.0, atol=1e-6)
-    np.testing.assert_allclose(x[2], rgb[1] / 255.0, atol=1e-6)  # alpha dropped
+    np.testing.assert_allclose(x[2], rgb[1] / 255.0, atol=1e-6)
     _, x1, _ = load_all(tmp_path, channels=1)
     assert x1.shape == (3, 16, 16, 1)
     np.testing.assert_allclose(x1[1, ..., 0], gray / 255.0, atol=1e-6)
@@ -296,22 +296,25 @@ def test_folder_unpaired_files_named_both_ways(tmp_path):
     assert "lonely_mask.png" in str(error.value) and "skip_invalid" in str(error.value)
 
 
-def test_folder_unpaired_list_is_elided(tmp_path):
+def test_folder_unpaired_files_each_listed(tmp_path):
     write_pairs(tmp_path, smooth_images(1), binary_masks(1))
     for i in range(13):
         save(tmp_path / "images" / f"extra{i:02d}.png", smooth_images(1)[0])
-    with pytest.raises(ValueError, match=r"13 image\(s\) without a mask.*\.\.\. and 3 more"):
+    with pytest.raises(ValueError, match=r"13 invalid image/mask pair\(s\)") as error:
         from_directory(tmp_path)
+    lines = str(error.value).splitlines()
+    for i in range(13):
+        assert sum(f"extra{i:02d}.png: image has no mask" in line for line in lines) == 1
 
 
 def test_folder_corrupt_file_named(tmp_path):
     write_pairs(tmp_path, smooth_images(3), binary_masks(3))
     (tmp_path / "images" / "001.png").write_bytes(b"this is not a png at all")
-    with pytest.raises(ValueError, match=r"001\.png: cannot read the image"):
+    with pytest.raises(ValueError, match=r"001\.png: cannot be read as an image"):
         from_directory(tmp_path, split=ALL)
     write_pairs(tmp_path / "m", smooth_images(3), binary_masks(3))
     (tmp_path / "m" / "masks" / "002.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ValueError, match=r"masks.002\.png: cannot read the mask"):
+    with pytest.raises(ValueError, match=r"masks.002\.png: cannot be read as a mask"):
         from_directory(tmp_path / "m", split=ALL)
 
 
@@ -368,7 +371,7 @@ def test_folder_skip_invalid_records_pairs(tmp_path):
         str(tmp_path / "masks" / "003.png"),
         str(tmp_path / "images" / "orphan.png"),
     }
-    assert "cannot read" in skipped[str(tmp_path / "images" / "001.png")]
+    assert "cannot be read as an image" in skipped[str(tmp_path / "images" / "001.png")]
     assert "no mask" in skipped[str(tmp_path / "images" / "orphan.png")]
     assert data.counts["train"] == 4
     kept = [name.split("/")[-1] for name, _ in data.files["train"]]

@@ -7,8 +7,24 @@ from collections.abc import Callable, Hashable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from unetpp_tf.data import decode
-from unetpp_tf.data.pipeline import SPLITS, SegmentationData, split_indices
+from unetpp_tf.data.checks import (
+    check_crop_fits,
+    check_normalization_channels,
+    check_size,
+    describe,
+    resolve_normalization,
+)
+from unetpp_tf.data.crops import preprocess_pair
+from unetpp_tf.data.masks import (
+    apply_mask_mapping,
+    check_mask_mode,
+    check_num_classes,
+    invalid_values,
+    mask_values,
+    max_class_id,
+    plan_mask_mapping,
+)
+from unetpp_tf.data.pipeline import SPLITS, SegmentationData, batch_splits, split_indices
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -74,11 +90,11 @@ def from_arrays(
         >>> data.num_classes
         1
     """
-    image_size = decode.check_size(image_size, "image_size")
-    crop_size = decode.check_size(crop_size, "crop_size")
-    num_classes = decode.check_num_classes(num_classes)
-    norm = decode.resolve_normalization(normalization)
-    decode.check_mask_mode(mask_mode, ("auto", "binary", "index"))
+    image_size = check_size(image_size, "image_size")
+    crop_size = check_size(crop_size, "crop_size")
+    num_classes = check_num_classes(num_classes)
+    norm = resolve_normalization(normalization)
+    check_mask_mode(mask_mode, ("auto", "binary", "index"))
 
     images = _check_images(np.asarray(images), normalized=norm is not None)
     masks = _check_masks(np.asarray(masks))
@@ -90,33 +106,30 @@ def from_arrays(
             "(height x width); they must match pixel for pixel."
         )
     channels = int(images.shape[-1])
-    decode.check_normalization_channels(norm, channels)
+    check_normalization_channels(norm, channels)
     size = image_size or tuple(int(v) for v in images.shape[1:3])
-    if crop_size and (crop_size[0] > size[0] or crop_size[1] > size[1]):
-        raise ValueError(
-            f"crop_size {crop_size} is larger than the images ({size[0]}x{size[1]}); pass a smaller crop."
-        )
+    check_crop_fits(crop_size, size, f"the images ({size[0]}x{size[1]})")
 
-    values = decode.mask_values(masks)
+    values = mask_values(masks)
 
     def where(value):
-        return "samples " + decode.describe(_samples_with(masks, [value]), 5)
+        return "samples " + describe(_samples_with(masks, [value]), 5)
 
-    mapping = decode.plan_mask_mapping(values, mask_mode=mask_mode, num_classes=num_classes, where=where)
-    bad_mapped = set(decode.invalid_values(mapping.map_values(values), mapping.num_classes))
+    mapping = plan_mask_mapping(values, mask_mode=mask_mode, num_classes=num_classes, where=where)
+    bad_mapped = set(invalid_values(mapping.map_values(values), mapping.num_classes))
     if bad_mapped:
         bad_raw = [int(v) for v in values if mapping.map_values([v]) & bad_mapped]
         raise ValueError(
-            f"masks have values {decode.describe(sorted(bad_mapped), 5)} outside the class ids "
-            f"0..{decode.max_class_id(mapping.num_classes)} (num_classes={mapping.num_classes}) in samples "
-            f"{decode.describe(_samples_with(masks, bad_raw))}; fix the masks or raise num_classes."
+            f"masks have values {describe(sorted(bad_mapped), 5)} outside the class ids "
+            f"0..{max_class_id(mapping.num_classes)} (num_classes={mapping.num_classes}) in samples "
+            f"{describe(_samples_with(masks, bad_raw))}; fix the masks or raise num_classes."
         )
 
     parts = split_indices(images.shape[0], split, seed, groups=groups)
 
     def prepare(image, mask):
-        mask = decode.apply_mask_mapping(mask, mapping)
-        return decode.preprocess_pair(image, mask, image_size=image_size, normalization=norm)
+        mask = apply_mask_mapping(mask, mapping)
+        return preprocess_pair(image, mask, image_size=image_size, normalization=norm)
 
     samples = {
         name: tf.data.Dataset.from_tensor_slices((images[parts[name]], masks[parts[name]])).map(
@@ -124,7 +137,7 @@ def from_arrays(
         )
         for name in SPLITS
     }
-    batched = decode.batch_splits(
+    batched = batch_splits(
         samples,
         crop_size=crop_size,
         batch_size=batch_size,
@@ -197,7 +210,7 @@ def _check_masks(masks: np.ndarray) -> np.ndarray:
     if masks.size and int(masks.min()) < 0:
         raise ValueError(
             f"masks have negative values (min {int(masks.min())}) in samples "
-            f"{decode.describe(_samples_with(masks, np.unique(masks[masks < 0])))}; class ids start at 0."
+            f"{describe(_samples_with(masks, np.unique(masks[masks < 0])))}; class ids start at 0."
         )
     if masks.dtype == np.uint64 or (masks.size and int(masks.max()) > np.iinfo(np.int32).max):
         masks = masks.astype(np.int64)

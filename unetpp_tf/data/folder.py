@@ -1,32 +1,52 @@
-"""Image/mask pairs from folders on disk: `from_directory`."""
+"""Image/mask pairs from folders on disk: `from_directory`.
+
+`from_directory` runs four steps, each a function of its own: find the pairs
+(`unetpp_tf.data.pairing`), inspect every file (`unetpp_tf.data.inspection`), decide the
+classes and drop or report the bad pairs, then build the tf.data pipelines.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
-from unetpp_tf.data import decode
-from unetpp_tf.data.pipeline import SPLITS, SegmentationData, split_indices
+from unetpp_tf.data.checks import (
+    check_channels,
+    check_crop_fits,
+    check_normalization_channels,
+    check_size,
+    describe,
+    describe_lines,
+    resolve_normalization,
+)
+from unetpp_tf.data.crops import preprocess_pair
+from unetpp_tf.data.inspection import MAX_IMAGE_PIXELS, inspect_pairs
+from unetpp_tf.data.masks import (
+    MaskMapping,
+    apply_mask_mapping,
+    check_color_map,
+    check_mask_mode,
+    check_num_classes,
+    classes_from_max_id,
+    invalid_values,
+    max_class_id,
+    plan_mask_mapping,
+    rgb_to_classes,
+)
+from unetpp_tf.data.pairing import find_folders, group_keys, pair_files, recorded_parts
+from unetpp_tf.data.pipeline import SPLITS, SegmentationData, batch_splits, split_indices
+from unetpp_tf.data.readers import decode_image_file, decode_mask_file, image_channels, image_decoder, mask_reader
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+LISTED_PROBLEMS = 100
+"""Files listed one per line in the invalid-pairs error before the rest is counted."""
 
-# Files tf.io decodes (exactly as PIL does); everything else is decoded with PIL.
-_TF_IMAGE = {
-    ".png": ("1", "L", "LA", "P", "RGB", "RGBA"),
-    ".jpg": ("L", "RGB"),
-    ".jpeg": ("L", "RGB"),
-    ".bmp": ("L", "P", "RGB", "RGBA"),
-}
-_TF_MASK_8 = ("1", "L", "LA")
-_TF_MASK_RGB = {".png": ("P", "RGB", "RGBA"), ".bmp": ("RGB", "RGBA")}
+Pair = tuple[Path, Path]
 
 
 def from_directory(
@@ -50,6 +70,7 @@ def from_directory(
     skip_invalid: bool = False,
     group_by: str | None = None,
     splits: Mapping | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> SegmentationData:
     """Load image/mask pairs from folders, validate every file, and split them into train/val/test.
 
@@ -58,15 +79,23 @@ def from_directory(
     `root/test/...`, used as given (detected when `root/train` exists; a missing val or test
     folder gives an empty split); or two explicit folders `images=` and `masks=`. Images and
     masks pair by file stem (`a.jpg` with `a.png`). Images: PNG, JPEG, BMP, TIFF, gray or
-    RGB (alpha dropped); 8-bit ones in PNG/JPEG/BMP decode with `tf.io`, the rest (TIFF,
-    16-bit) with PIL. Masks: binary 0/255 or 0/1, class ids 0..K-1 (8- or 16-bit), palette
-    PNGs (the palette indices are the class ids) or RGB colours with `color_map`.
+    RGB (an alpha channel that is fully opaque is dropped; see below); 8-bit ones in
+    PNG/JPEG/BMP decode with `tf.io`, the rest (TIFF, 16-bit) with PIL. Masks: binary 0/255
+    or 0/1, class ids 0..K-1 (8- or 16-bit), palette PNGs (the palette indices are the class
+    ids) or RGB colours with `color_map`.
 
-    Every file is opened once with PIL before anything is returned: a missing folder, no
-    images, unpaired files, unreadable files, image/mask size mismatches, mask values outside
-    the classes, unknown colours and an empty split raise an error that names the files and
-    says what to do. With `skip_invalid=True` the bad pairs are dropped and listed in
-    `data.files["skipped"]` as (path, reason); nothing is skipped silently otherwise.
+    Every file is opened and decoded once before anything is returned (the inspection pass,
+    `unetpp_tf.data.inspection`). Structural problems raise at once: a missing folder, no
+    images, an empty split, recorded files that no longer exist. Problems of single files are
+    collected and raised together, one line per file with the reason and what to do: unpaired
+    files, several files sharing a stem, empty (0-byte), unreadable, truncated or damaged files
+    (PNG, JPEG, TIFF, BMP), files that declare more than `max_pixels` pixels (refused from the
+    header, before decoding: decompression bombs), images with transparent pixels (alpha is
+    only dropped when it is opaque everywhere), TIFFs with channel counts other than gray,
+    gray + alpha, RGB, RGB + alpha, image/mask size mismatches, mask values outside the
+    classes, unknown colours, images smaller than `crop_size`. With `skip_invalid=True`
+    exactly those pairs are dropped and listed in `data.files["skipped"]` as (path, reason);
+    nothing is skipped silently otherwise.
 
     `group_by` keeps files that share a group (tiles of one slide, slices of one patient) in one
     split: the regex is searched (`re.search`) in each image's file stem and the group key is its
@@ -115,6 +144,9 @@ def from_directory(
             instead of scanning `root` (lists of 2-lists from JSON work; other keys such as
             "skipped" and "groups" are ignored, so a recorded `data.files` can be passed as it
             is); `root`, `images`, `masks` and `split` are then not used. Defaults to None.
+        max_pixels: int or None. Largest height * width of a file; larger ones are refused
+            from their header, before decoding. None leaves only PIL's own limit (twice
+            `PIL.Image.MAX_IMAGE_PIXELS`). Defaults to `MAX_IMAGE_PIXELS` (2**27).
 
     Returns:
         SegmentationData: batched splits; `files` holds the (image, mask) paths per split,
@@ -126,397 +158,228 @@ def from_directory(
         >>> data = from_directory("data/slides", group_by=r"^(slide[0-9]+)_")
         >>> again = from_directory(splits=data.files)  # the same files in the same splits
     """
-    image_size = decode.check_size(image_size, "image_size")
-    crop_size = decode.check_size(crop_size, "crop_size")
-    num_classes = decode.check_num_classes(num_classes)
-    norm = decode.resolve_normalization(normalization)
-    decode.check_mask_mode(mask_mode)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1, 3 or None (infer), got {channels!r}.")
-    table = None
-    if color_map is not None and mask_mode == "auto":
-        mask_mode = "rgb"
-    if mask_mode == "rgb":
-        if color_map is None:
-            raise ValueError("mask_mode='rgb' needs color_map={(r, g, b): class_id, ...}.")
-        table = decode.check_color_map(color_map)
-    elif color_map is not None:
-        raise ValueError(f"color_map is only used with mask_mode='rgb' (or 'auto'), not {mask_mode!r}.")
-    if crop_size and image_size and (crop_size[0] > image_size[0] or crop_size[1] > image_size[1]):
-        raise ValueError(
-            f"crop_size {crop_size} is larger than image_size {image_size}; pass a smaller crop."
+    options = _Options.check(image_size, crop_size, channels, mask_mode, color_map, num_classes, normalization)
+    parts, file_problems = _find_pairs(root, images, masks, splits, group_by)
+    keys = group_keys(_joined(parts), group_by)
+    infos = inspect_pairs(_joined(parts), rgb=options.rgb, max_pixels=max_pixels)
+    problems = {pair: info.problem for pair, info in infos.items() if info.problem}
+    mapping, class_problems = _plan_classes(infos, [pair for pair in infos if pair not in problems], options)
+    problems.update(class_problems)
+    problems.update(_crop_problems(infos, [pair for pair in infos if pair not in problems], options))
+    parts, skipped = _drop_invalid(parts, file_problems, problems, skip_invalid)
+    if problems:  # the classes of the pairs kept
+        mapping, _ = _plan_classes(infos, _joined(parts), options)
+    size, channels = _size_and_channels(infos, _joined(parts), options)
+    parts = _assign_splits(parts, split, seed, keys)
+    samples = _sample_datasets(parts, infos, channels, mapping, options)
+    batched = batch_splits(
+        samples, crop_size=options.crop_size, batch_size=batch_size, shuffle=shuffle, seed=seed, cache=cache,
+        augment=augment,
+    )
+    return SegmentationData(
+        **batched,
+        num_classes=mapping.num_classes,
+        channels=channels,
+        image_size=tuple(size),
+        counts={name: len(parts[name]) for name in SPLITS},
+        source=f"folder:{root if root is not None else images or 'recorded splits'}",
+        files=_files_record(parts, skipped, keys),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The checked per-sample settings of `from_directory`."""
+
+    image_size: tuple[int, int] | None
+    crop_size: tuple[int, int] | None
+    channels: int | None
+    mask_mode: str
+    table: dict | None  # {packed colour: class id} for RGB masks
+    num_classes: int | None
+    normalization: tuple | None
+
+    @property
+    def rgb(self) -> bool:
+        return self.table is not None
+
+    @classmethod
+    def check(cls, image_size, crop_size, channels, mask_mode, color_map, num_classes, normalization) -> _Options:
+        image_size = check_size(image_size, "image_size")
+        crop_size = check_size(crop_size, "crop_size")
+        check_mask_mode(mask_mode)
+        table = None
+        if color_map is not None and mask_mode == "auto":
+            mask_mode = "rgb"
+        if mask_mode == "rgb":
+            if color_map is None:
+                raise ValueError("mask_mode='rgb' needs color_map={(r, g, b): class_id, ...}.")
+            table = check_color_map(color_map)
+        elif color_map is not None:
+            raise ValueError(f"color_map is only used with mask_mode='rgb' (or 'auto'), not {mask_mode!r}.")
+        check_crop_fits(crop_size, image_size, f"image_size {image_size}")
+        return cls(
+            image_size=image_size,
+            crop_size=crop_size,
+            channels=check_channels(channels),
+            mask_mode=mask_mode,
+            table=table,
+            num_classes=check_num_classes(num_classes),
+            normalization=resolve_normalization(normalization),
         )
 
-    skipped: list[tuple[str, str]] = []
+
+def _joined(parts: Mapping[str, list[Pair]]) -> list[Pair]:
+    return [pair for pairs in parts.values() for pair in pairs]
+
+
+def _find_pairs(root, images, masks, splits, group_by) -> tuple[dict[str, list[Pair]], list[tuple[str, str]]]:
+    """({"all" or split: pairs}, problems of unpaired files) from the folders or a recorded split."""
     if splits is not None:
-        parts = _recorded_parts(splits)
-    else:
-        folders = _find_folders(root, images, masks)
-        if group_by is not None and "all" not in folders:
-            raise ValueError(
-                f"--group-by only applies to the random split of images/ + masks/, but {root} has per-split "
-                "folders (train/, val/, test/) that are used as given; drop --group-by or merge the folders."
-            )
-        parts = {part: _pair_files(*dirs, skip_invalid, skipped) for part, dirs in folders.items()}
-    keys = _group_keys([pair for pairs in parts.values() for pair in pairs], group_by)
+        return recorded_parts(splits), []
+    folders = find_folders(root, images, masks)
+    if group_by is not None and "all" not in folders:
+        raise ValueError(
+            f"--group-by only applies to the random split of images/ + masks/, but {root} has per-split "
+            "folders (train/, val/, test/) that are used as given; drop --group-by or merge the folders."
+        )
+    parts, problems = {}, []
+    for part, dirs in folders.items():
+        parts[part], found = pair_files(*dirs)
+        problems += found
+    return parts, problems
 
-    # Read every file once (threads: PIL releases the GIL while decoding).
-    all_pairs = [pair for pairs in parts.values() for pair in pairs]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        infos = dict(zip(all_pairs, pool.map(lambda p: _inspect(p, mask_mode == "rgb"), all_pairs)))
-    problems = {pair: (info["path"], info["problem"]) for pair, info in infos.items() if info["problem"]}
 
-    # Mask values -> class ids, then values outside the classes / unknown colours.
-    readable = [pair for pair in all_pairs if pair not in problems]
-    if mask_mode == "rgb":
-        top = max(table.values())
-        if num_classes is not None and top > decode.max_class_id(num_classes):
+def _plan_classes(infos: Mapping, pairs: list[Pair], options: _Options) -> tuple[MaskMapping, dict]:
+    """(mask mapping, {pair: (path, reason)}) for the masks of `pairs`: class ids out of range, unknown colours."""
+    problems = {}
+    if options.rgb:
+        top = max(options.table.values())
+        if options.num_classes is not None and top > max_class_id(options.num_classes):
             raise ValueError(
-                f"color_map has class id {top} but num_classes={num_classes}; "
+                f"color_map has class id {top} but num_classes={options.num_classes}; "
                 "raise num_classes or fix color_map."
             )
-        mapping = decode.MaskMapping("identity", num_classes or decode.classes_from_max_id(top))
-        for pair in readable:
-            unknown = sorted(set(infos[pair]["values"].tolist()) - set(table))
+        for pair in pairs:
+            unknown = sorted(set(infos[pair].values.tolist()) - set(options.table))
             if unknown:
-                colors = [tuple(int(c) for c in ((v >> 16) & 255, (v >> 8) & 255, v & 255)) for v in unknown]
-                problems[pair] = (
-                    str(pair[1]),
-                    f"has colours not in color_map: {decode.describe(colors, 5)}; add them to color_map",
-                )
-    else:
-        union = set()
-        for pair in readable:
-            union.update(infos[pair]["values"].tolist())
+                colors = [((v >> 16) & 255, (v >> 8) & 255, v & 255) for v in unknown]
+                reason = f"has colours not in color_map: {describe(colors, 5)}; add them to color_map"
+                problems[pair] = (str(pair[1]), reason)
+        return MaskMapping("identity", options.num_classes or classes_from_max_id(top)), problems
 
-        def where(value):
-            return decode.describe([pair[1].name for pair in readable if value in infos[pair]["values"]], 3)
+    union = set().union(*(infos[pair].values.tolist() for pair in pairs))
 
-        try:
-            mapping = decode.plan_mask_mapping(
-                union, mask_mode=mask_mode, num_classes=num_classes, where=where
-            )
-        except ValueError as error:
-            lossy = [pair[1].name for pair in readable if infos[pair]["mask_suffix"] in (".jpg", ".jpeg")]
-            if not lossy:
-                raise
-            raise ValueError(
-                f"{error} Note: JPEG compression changes mask values ({decode.describe(lossy, 3)}); "
-                "save masks as PNG."
-            ) from None
-        for pair in readable:
-            mapped = mapping.map_values(infos[pair]["values"].tolist())
-            bad = decode.invalid_values(mapped, mapping.num_classes)
-            if bad:
-                top = decode.max_class_id(mapping.num_classes)
-                problems[pair] = (
-                    str(pair[1]),
-                    f"has class ids {decode.describe(bad, 5)} outside 0..{top} "
-                    f"(num_classes={mapping.num_classes}); fix the mask or raise num_classes",
-                )
-    if crop_size and not image_size:
-        for pair in readable:
-            height, width = infos[pair]["size"]
-            if pair not in problems and (height < crop_size[0] or width < crop_size[1]):
-                problems[pair] = (str(pair[0]), f"is {height}x{width}, smaller than crop_size {crop_size}")
+    def where(value):
+        return describe([pair[1].name for pair in pairs if value in infos[pair].values], 3)
 
-    if problems:
-        listed = [f"{problems[pair][0]}: {problems[pair][1]}" for pair in all_pairs if pair in problems]
-        if not skip_invalid:
-            raise ValueError(
-                f"{len(problems)} invalid image/mask pair(s):\n  "
-                + "\n  ".join(listed[:10])
-                + (f"\n  ... and {len(listed) - 10} more" if len(listed) > 10 else "")
-                + "\nFix or remove them, or pass skip_invalid=True to drop them."
-            )
-        skipped.extend(problems[pair] for pair in all_pairs if pair in problems)
-        parts = {part: [pair for pair in pairs if pair not in problems] for part, pairs in parts.items()}
-        all_pairs = [pair for pairs in parts.values() for pair in pairs]
-        if mask_mode != "rgb" and num_classes is None and all_pairs:  # infer from the kept masks only
-            union = set().union(*(infos[pair]["values"].tolist() for pair in all_pairs))
-            mapping = decode.plan_mask_mapping(union, mask_mode=mask_mode, where=where)
-    if not all_pairs:
-        reasons = [f"{path}: {reason}" for path, reason in skipped]
+    try:
+        mapping = plan_mask_mapping(union, mask_mode=options.mask_mode, num_classes=options.num_classes, where=where)
+    except ValueError as error:
+        lossy = [pair[1].name for pair in pairs if pair[1].suffix.lower() in (".jpg", ".jpeg")]
+        if not lossy:
+            raise
         raise ValueError(
-            f"no valid image/mask pairs left after skipping {len(skipped)} file(s):\n  "
-            + "\n  ".join(reasons[:5])
-            + (f"\n  ... and {len(reasons) - 5} more" if len(reasons) > 5 else "")
+            f"{error} Note: JPEG compression changes mask values ({describe(lossy, 3)}); save masks as PNG."
+        ) from None
+    top = max_class_id(mapping.num_classes)
+    for pair in pairs:
+        bad = invalid_values(mapping.map_values(infos[pair].values.tolist()), mapping.num_classes)
+        if bad:
+            hint = " (255 often marks pixels to ignore; give them a class id)" if 255 in bad else ""
+            problems[pair] = (
+                str(pair[1]),
+                f"has class ids {describe(bad, 5)} outside 0..{top} (num_classes={mapping.num_classes}){hint}; "
+                "fix the mask or raise num_classes",
+            )
+    return mapping, problems
+
+
+def _crop_problems(infos: Mapping, pairs: list[Pair], options: _Options) -> dict:
+    """{pair: (path, reason)} for images smaller than `crop_size` (when they are cropped at their own size)."""
+    if not options.crop_size or options.image_size:
+        return {}
+    problems = {}
+    for pair in pairs:
+        height, width = infos[pair].image.size
+        if height < options.crop_size[0] or width < options.crop_size[1]:
+            problems[pair] = (str(pair[0]), f"is {height}x{width}, smaller than crop_size {options.crop_size}")
+    return problems
+
+
+def _drop_invalid(parts, file_problems, problems, skip_invalid) -> tuple[dict, list[tuple[str, str]]]:
+    """(parts without the bad pairs, skipped (path, reason)); raises listing every problem unless `skip_invalid`."""
+    listed = list(file_problems) + [problems[pair] for pair in _joined(parts) if pair in problems]
+    if listed and not skip_invalid:
+        lines = [f"{path}: {reason}" for path, reason in listed]
+        raise ValueError(
+            f"{len(listed)} invalid image/mask pair(s):\n{describe_lines(lines, LISTED_PROBLEMS)}\n"
+            "Fix or remove them, or pass skip_invalid=True to drop them (they are then listed in "
+            "data.files['skipped'])."
         )
-
-    # Sizes and channels.
-    sizes = {}
-    for pair in all_pairs:
-        sizes.setdefault(infos[pair]["size"], []).append(pair[0].name)
-    if image_size is None and crop_size is None and len(sizes) > 1:
-        listed = [f"{h}x{w} ({decode.describe(names, 2)})" for (h, w), names in sizes.items()]
+    kept = {part: [pair for pair in pairs if pair not in problems] for part, pairs in parts.items()}
+    if not _joined(kept):
+        lines = [f"{path}: {reason}" for path, reason in listed]
         raise ValueError(
-            f"images have different sizes (height x width): {decode.describe(listed, 5)}; pass "
+            f"no valid image/mask pairs left after skipping {len(listed)} file(s):\n{describe_lines(lines, 5)}"
+        )
+    return kept, listed
+
+
+def _size_and_channels(infos: Mapping, pairs: list[Pair], options: _Options) -> tuple[tuple[int, int], int]:
+    """(final (height, width), channels): sizes must agree unless resized or cropped; channels inferred."""
+    sizes = {}
+    for pair in pairs:
+        sizes.setdefault(infos[pair].image.size, []).append(pair[0].name)
+    if options.image_size is None and options.crop_size is None and len(sizes) > 1:
+        listed = [f"{h}x{w} ({describe(names, 2)})" for (h, w), names in sizes.items()]
+        raise ValueError(
+            f"images have different sizes (height x width): {describe(listed, 5)}; pass "
             "image_size=(height, width) to resize them or crop_size=(height, width) to crop them."
         )
+    channels = options.channels
     if channels is None:
-        channels = 3 if any(infos[pair]["channels"] == 3 for pair in all_pairs) else 1
-    decode.check_normalization_channels(norm, channels)
+        channels = max(image_channels(infos[pair].image.mode) for pair in pairs)
+    check_normalization_channels(options.normalization, channels)
+    return options.crop_size or options.image_size or next(iter(sizes)), channels
 
-    # Split.
-    if "all" in parts:
-        pairs = parts["all"]
-        groups = None if keys is None else [keys[pair] for pair in pairs]
-        index = split_indices(len(pairs), split, seed, groups=groups)
-        parts = {name: [pairs[i] for i in index[name]] for name in SPLITS}
-    else:
-        parts = {name: parts.get(name, []) for name in SPLITS}
 
-    # Decoders: tf.io where it reads the files exactly, PIL otherwise.
-    image_tf = all(
-        infos[pair]["image_mode"] in _TF_IMAGE.get(infos[pair]["image_suffix"], ()) for pair in all_pairs
-    )
-    via_rgb = channels == 1 and any(
-        infos[pair]["channels"] == 3 or infos[pair]["image_suffix"] == ".bmp" for pair in all_pairs
-    )
-    reader = _mask_reader([infos[pair] for pair in all_pairs], mask_mode == "rgb")
+def _assign_splits(parts: dict, split, seed: int, keys: dict | None) -> dict[str, list[Pair]]:
+    """{split: pairs}: the per-split folders as given, or a seeded (grouped) random split of all pairs."""
+    if "all" not in parts:
+        return {name: parts.get(name, []) for name in SPLITS}
+    pairs = parts["all"]
+    groups = None if keys is None else [keys[pair] for pair in pairs]
+    index = split_indices(len(pairs), split, seed, groups=groups)
+    return {name: [pairs[i] for i in index[name]] for name in SPLITS}
+
+
+def _sample_datasets(parts, infos, channels: int, mapping: MaskMapping, options: _Options) -> dict:
+    """{split: dataset of (image, mask)}, decoded with tf.io where it reads every file exactly, else PIL."""
+    pairs = _joined(parts)
+    use_tf, via_rgb = image_decoder([infos[pair].image.decoding for pair in pairs], channels)
+    reader = mask_reader([infos[pair].mask.decoding for pair in pairs], options.rgb)
 
     def load(image_path, mask_path):
-        image = decode.decode_image_file(image_path, channels, use_tf=image_tf, via_rgb=via_rgb)
-        raw = decode.decode_mask_file(mask_path, reader=reader)
-        if mask_mode == "rgb":
-            mask = decode.rgb_to_classes(raw, table)
-        else:
-            mask = decode.apply_mask_mapping(raw, mapping)
-        return decode.preprocess_pair(image, mask, image_size=image_size, normalization=norm)
+        image = decode_image_file(image_path, channels, use_tf=use_tf, via_rgb=via_rgb)
+        raw = decode_mask_file(mask_path, reader=reader)
+        mask = rgb_to_classes(raw, options.table) if options.rgb else apply_mask_mapping(raw, mapping)
+        return preprocess_pair(image, mask, image_size=options.image_size, normalization=options.normalization)
 
     samples = {}
     for name in SPLITS:
         image_paths = tf.constant([str(pair[0]) for pair in parts[name]], dtype=tf.string)
         mask_paths = tf.constant([str(pair[1]) for pair in parts[name]], dtype=tf.string)
-        ds = tf.data.Dataset.from_tensor_slices((image_paths, mask_paths))
-        samples[name] = ds.map(load, num_parallel_calls=AUTOTUNE)
-    batched = decode.batch_splits(
-        samples,
-        crop_size=crop_size,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        cache=cache,
-        augment=augment,
-    )
-    if crop_size is not None:
-        final_size = crop_size
-    elif image_size is not None:
-        final_size = image_size
-    else:
-        final_size = next(iter(sizes))
-    files = {name: [(str(i), str(m)) for i, m in parts[name]] for name in SPLITS}
+        samples[name] = tf.data.Dataset.from_tensor_slices((image_paths, mask_paths)).map(
+            load, num_parallel_calls=AUTOTUNE
+        )
+    return samples
+
+
+def _files_record(parts, skipped, keys) -> dict:
+    """`SegmentationData.files`: (image, mask) paths per split, "skipped" and, with groups, "groups"."""
+    files = {name: [(str(image), str(mask)) for image, mask in parts[name]] for name in SPLITS}
     files["skipped"] = [(str(path), reason) for path, reason in skipped]
     if keys is not None:
         files["groups"] = {name: [keys[pair] for pair in parts[name]] for name in SPLITS}
-    return SegmentationData(
-        **batched,
-        num_classes=mapping.num_classes,
-        channels=channels,
-        image_size=tuple(final_size),
-        counts={name: len(parts[name]) for name in SPLITS},
-        source=f"folder:{root if root is not None else images or 'recorded splits'}",
-        files=files,
-    )
-
-
-def _find_folders(root, images, masks) -> dict[str, tuple[Path, Path]]:
-    """{"all": (images, masks)} or {split: (images, masks)} for the per-split layout."""
-    if root is None:
-        if images is None or masks is None:
-            raise ValueError("pass root=<dataset folder> or both images=<folder> and masks=<folder>.")
-        folders = {"all": (Path(images), Path(masks))}
-    else:
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset folder {root} does not exist; check the path.")
-        images_name = images if images is not None else "images"
-        masks_name = masks if masks is not None else "masks"
-        if (root / "train").is_dir():
-            folders = {}
-            for split, names in SPLIT_FOLDERS.items():
-                for name in names:
-                    if (root / name).is_dir():
-                        folders[split] = (root / name / images_name, root / name / masks_name)
-                        break
-        else:
-            folders = {"all": (root / images_name, root / masks_name)}
-    for img_dir, mask_dir in folders.values():
-        for folder, what in ((img_dir, "image"), (mask_dir, "mask")):
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f"{what} folder {folder} does not exist; expected root/images + root/masks, "
-                    "root/train/{images,masks} (+ val, test), or pass images= and masks= explicitly."
-                )
-    return folders
-
-
-def _recorded_parts(splits: Mapping) -> dict[str, list[tuple[Path, Path]]]:
-    """{split: [(image, mask)]} from recorded file lists; files that no longer exist raise one error."""
-    if not isinstance(splits, Mapping) or not any(name in splits for name in SPLITS):
-        raise ValueError(
-            f"splits must be a dict {{'train'|'val'|'test': [(image, mask), ...]}} such as a run's "
-            f"splits.json or data.files, got {type(splits).__name__}."
-        )
-    parts, seen = {}, {}
-    for name in SPLITS:
-        parts[name] = []
-        for entry in splits.get(name) or ():
-            if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                raise ValueError(f"splits[{name!r}] holds {entry!r}; each entry must be an (image, mask) path pair.")
-            pair = (Path(entry[0]), Path(entry[1]))
-            if pair in seen:
-                raise ValueError(f"{pair[0]} is listed in both the {seen[pair]} and the {name} split; keep it in one.")
-            seen[pair] = name
-            parts[name].append(pair)
-    if not seen:
-        raise ValueError("splits lists no (image, mask) pairs; pass a recorded split with files in it.")
-    missing = [str(path) for pair in seen for path in pair if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} file(s) of the recorded split no longer exist: {decode.describe(missing)}; the run's "
-            "recorded split refers to them: restore them, or evaluate with --data/--split on the folder as it is now."
-        )
-    return parts
-
-
-def _group_keys(pairs: list[tuple[Path, Path]], group_by: str | None) -> dict | None:
-    """{pair: group key} from the regex searched in each image stem; None without `group_by`."""
-    if group_by is None:
-        return None
-    try:
-        pattern = re.compile(group_by)
-    except (re.error, TypeError) as error:
-        raise ValueError(
-            f"--group-by '{group_by}' is not a valid regular expression ({error}); fix it, e.g. '^(.+?)_' "
-            "takes the name up to the first underscore as the group."
-        ) from None
-    keys, unmatched = {}, []
-    for pair in pairs:
-        match = pattern.search(pair[0].stem)
-        key = None if match is None else match.group(1 if pattern.groups else 0)
-        if key is None:
-            unmatched.append(pair[0].name)
-        else:
-            keys[pair] = key
-    if unmatched and not keys:
-        raise ValueError(
-            f"--group-by '{group_by}' matches none of the {len(pairs)} image names (e.g. "
-            f"{decode.describe(unmatched, 3)}); it is searched in each name without its extension: write a "
-            "regex that finds the group in every name, e.g. '^(.+?)_' for slide1_tile3.png."
-        )
-    if unmatched:
-        raise ValueError(
-            f"--group-by '{group_by}' does not match {len(unmatched)} of the {len(pairs)} image names: "
-            f"{decode.describe(unmatched)}; change the regex so that it matches every name (searched without "
-            "the extension), or move those files out of the folder."
-        )
-    return keys
-
-
-def _list_images(folder: Path) -> dict[str, list[Path]]:
-    """{stem: [paths]} of the image files directly in `folder` (hidden files ignored)."""
-    found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        visible = not path.name.startswith(".")
-        if visible and path.is_file() and path.suffix.lower() in decode.IMAGE_EXTENSIONS:
-            found.setdefault(path.stem, []).append(path)
-    return found
-
-
-def _pair_files(img_dir: Path, mask_dir: Path, skip_invalid: bool, skipped: list) -> list[tuple[Path, Path]]:
-    """Sorted (image, mask) pairs matched by stem; unpaired or ambiguous files raise or are skipped."""
-    images, masks = _list_images(img_dir), _list_images(mask_dir)
-    if not images:
-        raise FileNotFoundError(
-            f"no images found in {img_dir}; accepted extensions: {', '.join(decode.IMAGE_EXTENSIONS)}."
-        )
-    problems = []
-    lonely_images = [str(p) for stem in sorted(set(images) - set(masks)) for p in images[stem]]
-    lonely_masks = [str(p) for stem in sorted(set(masks) - set(images)) for p in masks[stem]]
-    if (lonely_images or lonely_masks) and not skip_invalid:
-        lines = []
-        if lonely_images:
-            listed = decode.describe(lonely_images)
-            lines.append(f"{len(lonely_images)} image(s) without a mask in {mask_dir}: {listed}")
-        if lonely_masks:
-            listed = decode.describe(lonely_masks)
-            lines.append(f"{len(lonely_masks)} mask(s) without an image in {img_dir}: {listed}")
-        raise ValueError(
-            "; ".join(lines) + ". Images and masks pair by file stem (a.jpg with a.png): add or rename the "
-            "missing files, remove the extra ones, or pass skip_invalid=True to drop them."
-        )
-    problems += [(path, "image has no mask with the same stem") for path in lonely_images]
-    problems += [(path, "mask has no image with the same stem") for path in lonely_masks]
-    pairs = []
-    for stem in sorted(set(images) & set(masks)):
-        duplicates = images[stem] + masks[stem]
-        if len(duplicates) > 2:
-            names = decode.describe([p.name for p in duplicates])
-            reason = f"several files share the stem {stem!r}: {names}; keep one per folder"
-            if not skip_invalid:
-                raise ValueError(f"{duplicates[0]}: {reason}.")
-            problems.append((str(duplicates[0]), reason))
-            continue
-        pairs.append((images[stem][0], masks[stem][0]))
-    skipped.extend(problems)
-    return pairs
-
-
-def _inspect(pair: tuple[Path, Path], rgb: bool) -> dict:
-    """Open an image/mask pair with PIL: sizes, modes, mask values, or the problem found."""
-    from PIL import Image
-
-    image_path, mask_path = pair
-    info = {
-        "problem": None,
-        "path": None,
-        "image_suffix": image_path.suffix.lower(),
-        "mask_suffix": mask_path.suffix.lower(),
-    }
-    try:
-        with Image.open(image_path) as image:
-            image.load()
-            info["image_mode"] = image.mode
-            info["size"] = (image.height, image.width)
-            info["channels"] = 1 if image.mode in decode.GRAY_MODES else 3
-    except Exception as error:  # noqa: BLE001 - any decoder failure means the file is unusable
-        problem = f"cannot read the image ({error}); replace or remove it"
-        return dict(info, path=str(image_path), problem=problem)
-    if image.mode not in decode.GRAY_MODES and image.mode not in decode.COLOR_MODES:
-        problem = f"unsupported image mode {image.mode!r}; save it as gray or RGB"
-        return dict(info, path=str(image_path), problem=problem)
-    try:
-        with Image.open(mask_path) as mask:
-            mask.load()
-            info["mask_mode"] = mask.mode
-            mask_size = (mask.height, mask.width)
-            array = decode.pil_mask_array(mask, rgb=rgb)
-    except ValueError as error:
-        return dict(info, path=str(mask_path), problem=f"mask {error}")
-    except Exception as error:  # noqa: BLE001
-        problem = f"cannot read the mask ({error}); replace or remove it"
-        return dict(info, path=str(mask_path), problem=problem)
-    if mask_size != info["size"]:
-        return dict(
-            info,
-            path=str(mask_path),
-            problem=(
-                f"mask is {mask_size[0]}x{mask_size[1]} but image {image_path.name} is "
-                f"{info['size'][0]}x{info['size'][1]} (height x width); they must match pixel for pixel"
-            ),
-        )
-    info["values"] = np.unique(decode.color_code(array)) if rgb else decode.mask_values(array)
-    return info
-
-
-def _mask_reader(infos: list[dict], rgb: bool) -> str:
-    """The one mask decoder for the whole dataset: tf.io when it reads every mask exactly, else PIL."""
-    if rgb:
-        fast = all(info["mask_mode"] in _TF_MASK_RGB.get(info["mask_suffix"], ()) for info in infos)
-        return "tf_rgb" if fast else "pil_rgb"
-    if all(info["mask_suffix"] == ".png" and info["mask_mode"] in _TF_MASK_8 for info in infos):
-        return "tf8"
-    if all(info["mask_suffix"] == ".png" and info["mask_mode"] in decode.SIXTEEN_BIT_MODES for info in infos):
-        return "tf16"
-    return "pil"
+    return files

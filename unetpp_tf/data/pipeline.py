@@ -1,12 +1,15 @@
-"""The one tf.data pipeline every source goes through, and the splits it returns."""
+"""The one tf.data pipeline every source goes through: splits, crops, cache, shuffle, batches, augmentation."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from unetpp_tf.data.checks import describe
+from unetpp_tf.data.crops import center_crop_pair, random_crop_pair
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "val", "test")
@@ -149,8 +152,6 @@ def fold_indices(
                 f"--folds {folds} needs at least {folds} samples but the data has {len(members)}; "
                 "lower --folds or add data."
             )
-        from unetpp_tf.data.decode import describe  # decode imports this module
-
         keys = describe([repr(groups[int(m[0])]) for m in members], 5)
         raise ValueError(
             f"--folds {folds} needs at least {folds} groups but the data has {len(members)} ({keys}); "
@@ -217,6 +218,72 @@ def finalize(
     if augment is not None:
         batches = batches.map(lambda x, y: augment(x, y, training=True), num_parallel_calls=AUTOTUNE)
     return batches.prefetch(AUTOTUNE)
+
+
+def split_cache(cache: bool | str, split: str) -> bool | str:
+    """Per-split cache setting: a path becomes `{path}_{split}` so the splits never share files."""
+    if isinstance(cache, (str,)) or hasattr(cache, "__fspath__"):
+        return f"{cache}_{split}"
+    return bool(cache)
+
+
+def batch_splits(
+    samples: Mapping[str, tf.data.Dataset],
+    *,
+    crop_size: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    shuffle: bool = True,
+    seed: int = 0,
+    cache: bool | str = True,
+    augment: Callable | None = None,
+) -> dict[str, tf.data.Dataset]:
+    """Crop and `finalize` per-sample train/val/test datasets the same way for every source.
+
+    The train split gets a random crop (seeded; a new window each epoch, the same sequence for
+    the same seed) applied after the cache, so caching never freezes the crops; val and test get
+    a centre crop before the cache. Then each split goes through `finalize`: the train split
+    is shuffled when `shuffle` and augmented when `augment` is given; val and test are neither.
+
+    Args:
+        samples: dict. {"train"|"val"|"test": unbatched dataset of (image, mask)}.
+        crop_size: tuple or None. (height, width) of the crops. Defaults to None.
+        batch_size: int. Defaults to 8.
+        shuffle: bool. Shuffle the train split each epoch. Defaults to True.
+        seed: int. Seed for shuffling and random crops. Defaults to 0.
+        cache: bool or str. True caches in memory, a path prefix caches on disk as
+            `{path}_{split}`, False disables. Defaults to True.
+        augment: callable or None. `augment(images, masks, training=True)` applied to train
+            batches (see `finalize`). Defaults to None.
+
+    Returns:
+        dict: {"train": ..., "val": ..., "test": ...} batched datasets.
+
+    Example:
+        >>> parts = batch_splits({"train": ds, "val": ds, "test": ds}, crop_size=(32, 32))
+    """
+    out = {}
+    for split in SPLITS:
+        ds = samples[split]
+        split_caching = split_cache(cache, split)
+        if crop_size is not None and split == "train":
+            if split_caching:
+                ds = ds.cache() if split_caching is True else ds.cache(split_caching)
+                split_caching = False
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip(ds, seeds).map(
+                lambda pair, s: random_crop_pair(pair[0], pair[1], crop_size, s), num_parallel_calls=AUTOTUNE
+            )
+        elif crop_size is not None:
+            ds = ds.map(lambda x, y: center_crop_pair(x, y, crop_size), num_parallel_calls=AUTOTUNE)
+        out[split] = finalize(
+            ds,
+            batch_size=batch_size,
+            shuffle=split == "train" and bool(shuffle),
+            seed=seed,
+            cache=split_caching,
+            augment=augment if split == "train" else None,
+        )
+    return out
 
 
 def targets_per_head(dataset: tf.data.Dataset, model_or_heads) -> tf.data.Dataset:

@@ -17,8 +17,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from unetpp_tf.data.decode import split_cache
-from unetpp_tf.data.pipeline import SegmentationData, finalize, split_indices
+from unetpp_tf.data.pipeline import SegmentationData, finalize, split_cache, split_indices
 
 TASKS = {"binary": 1, "multiclass": 3}
 MAX_OBJECTS = 28

@@ -6,8 +6,10 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from unetpp_tf.data import decode
-from unetpp_tf.data.pipeline import SPLITS, SegmentationData
+from unetpp_tf.data.checks import check_crop_fits, check_normalization_channels, check_size, resolve_normalization
+from unetpp_tf.data.crops import preprocess_pair
+from unetpp_tf.data.masks import check_class_range, check_num_classes, classes_from_max_id, lookup_values, max_class_id
+from unetpp_tf.data.pipeline import SPLITS, SegmentationData, batch_splits
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -39,7 +41,7 @@ def trimap_to_classes(mask: tf.Tensor, classes: str = "binary") -> tf.Tensor:
     """
     if classes not in PET_CLASSES:
         raise ValueError(f"classes must be one of {tuple(PET_CLASSES)} for trimaps, got {classes!r}.")
-    return decode.lookup_values(mask, PET_CLASSES[classes], "oxford_iiit_pet trimap value")
+    return lookup_values(mask, PET_CLASSES[classes], "oxford_iiit_pet trimap value")
 
 
 def from_tfds(
@@ -105,16 +107,13 @@ def from_tfds(
     """
     import tensorflow_datasets as tfds
 
-    image_size = decode.check_size(image_size, "image_size")
+    image_size = check_size(image_size, "image_size")
     if image_size is None:
         raise ValueError("from_tfds needs image_size=(height, width): TFDS images come in varying sizes.")
-    crop_size = decode.check_size(crop_size, "crop_size")
-    if crop_size and (crop_size[0] > image_size[0] or crop_size[1] > image_size[1]):
-        raise ValueError(
-            f"crop_size {crop_size} is larger than image_size {image_size}; pass a smaller crop."
-        )
-    num_classes = decode.check_num_classes(num_classes)
-    norm = decode.resolve_normalization(normalization)
+    crop_size = check_size(crop_size, "crop_size")
+    check_crop_fits(crop_size, image_size, f"image_size {image_size}")
+    num_classes = check_num_classes(num_classes)
+    norm = resolve_normalization(normalization)
     fractions = _check_split(split)
     table, num_classes = _class_table(name, classes, num_classes)
 
@@ -129,7 +128,7 @@ def from_tfds(
     channels = features["image"].shape[-1]
     if channels is None:
         raise ValueError(f"TFDS dataset {name!r} does not fix the number of image channels.")
-    decode.check_normalization_channels(norm, channels)
+    check_normalization_channels(norm, channels)
     if download:
         try:
             builder.download_and_prepare()
@@ -147,10 +146,10 @@ def from_tfds(
         if mask.shape.rank == 2:
             mask = mask[..., None]
         if table is None:
-            mask = decode.check_class_range(mask, num_classes, f"{name} mask")
+            mask = check_class_range(mask, num_classes, f"{name} mask")
         else:
-            mask = decode.lookup_values(mask, table, f"{name} mask value")
-        return decode.preprocess_pair(example["image"], mask, image_size=image_size, normalization=norm)
+            mask = lookup_values(mask, table, f"{name} mask value")
+        return preprocess_pair(example["image"], mask, image_size=image_size, normalization=norm)
 
     samples, counts = {}, {}
     for part in SPLITS:
@@ -161,7 +160,7 @@ def from_tfds(
             ds = builder.as_dataset(split=spec, shuffle_files=False)
         counts[part] = _count(builder, spec, ds)
         samples[part] = ds.map(prepare, num_parallel_calls=AUTOTUNE)
-    batched = decode.batch_splits(
+    batched = batch_splits(
         samples,
         crop_size=crop_size,
         batch_size=batch_size,
@@ -203,8 +202,8 @@ def _class_table(name: str, classes, num_classes: int | None) -> tuple[dict | No
         raise ValueError(f"classes must be 'binary', 'trimap', 'auto' or a dict, got {classes!r}.")
     top = max(table.values())
     if num_classes is None:
-        return table, decode.classes_from_max_id(top)
-    if top > decode.max_class_id(num_classes):
+        return table, classes_from_max_id(top)
+    if top > max_class_id(num_classes):
         raise ValueError(
             f"classes={classes!r} gives class ids up to {top} but num_classes={num_classes}; raise it."
         )
