@@ -1,11 +1,12 @@
-"""The fused drop-in layers: same results as Keras' layers, and a sound dropout mask."""
+"""The drop-in layers: same results as Keras' layers (fused BatchNorm, ConcatConv2D against
+Conv2D over the concatenation), and a sound dropout mask."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from unetpp_tf.models.layers import FusedBatchNormalization, FusedDropout, hash_dropout
+from unetpp_tf.models.layers import ConcatConv2D, FusedBatchNormalization, FusedDropout, hash_dropout
 
 
 def _paired_batch_norms(**kwargs):
@@ -123,4 +124,82 @@ def test_fused_layers_survive_a_keras_save_and_load(tmp_path, rng):
     assert isinstance(loaded.get_layer("bn"), FusedBatchNormalization)
     assert isinstance(loaded.get_layer("drop"), FusedDropout) and loaded.get_layer("drop").rate == 0.3
     x = rng.random((2, 8, 8, 2), dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def _concat_conv_pair(rng, channels, **options):
+    """A ConcatConv2D over parts of `channels` and a Conv2D over their concatenation, same weights."""
+    merged, reference = ConcatConv2D(5, 3, **options), keras.layers.Conv2D(5, 3, **options)
+    merged.build([(None, 12, 12, c) for c in channels])
+    reference.build((None, 12, 12, sum(channels)))
+    weights = [rng.normal(size=w.shape).astype("float32") for w in reference.get_weights()]
+    assert [w.shape for w in merged.get_weights()] == [w.shape for w in weights]  # one kernel over all parts
+    merged.set_weights(weights)
+    reference.set_weights(weights)
+    return merged, reference
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(padding="same", use_bias=True, activation="relu"),
+        dict(padding="valid", use_bias=False),
+        dict(padding="same", strides=2, dilation_rate=1, use_bias=True),
+        dict(padding="same", dilation_rate=2, use_bias=True, activation="tanh"),
+    ],
+)
+def test_concat_conv_equals_conv2d_over_the_concatenation(rng, training, options):
+    channels = (3, 1, 4)
+    merged, reference = _concat_conv_pair(rng, channels, **options)
+    parts = [tf.constant(rng.normal(size=(2, 12, 12, c)).astype("float32")) for c in channels]
+    outputs, grads = [], []
+    for layer, call in ((reference, lambda xs: reference(tf.concat(xs, -1), training=training)),
+                        (merged, lambda xs: merged(xs, training=training))):
+        with tf.GradientTape() as tape:
+            tape.watch(parts)
+            y = call(parts)
+            loss = tf.reduce_sum(tf.sin(y))  # an upstream gradient that differs per element
+        outputs.append(y.numpy())
+        grads.append([g.numpy() for g in tape.gradient(loss, [*parts, *layer.trainable_weights])])
+    assert outputs[1].shape == outputs[0].shape
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    assert len(grads[1]) == len(grads[0]) == len(channels) + (2 if options["use_bias"] else 1)
+    for merged_grad, reference_grad in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(merged_grad, reference_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_concat_conv_regularizer_and_mixed_bfloat16(rng):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        l2 = keras.regularizers.L2(0.1)
+        merged, reference = _concat_conv_pair(rng, (2, 6), padding="same", kernel_regularizer=l2)
+        parts = [rng.normal(size=(2, 12, 12, c)).astype("float32") for c in (2, 6)]
+        y = merged(parts, training=True)
+        expected = reference(np.concatenate(parts, -1))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert y.dtype == tf.bfloat16 and merged.kernel.dtype == "float32"
+    np.testing.assert_allclose(tf.cast(y, tf.float32), tf.cast(expected, tf.float32), rtol=0.05, atol=0.1)
+    np.testing.assert_allclose(float(sum(merged.losses)), float(sum(reference.losses)), rtol=1e-6)
+
+
+def test_concat_conv_rejects_a_single_tensor_and_changed_parts():
+    with pytest.raises(ValueError, match="ConcatConv2D takes a list of tensors"):
+        ConcatConv2D(4, 3)(np.zeros((1, 8, 8, 3), "float32"))
+    layer = ConcatConv2D(4, 3, name="merge")
+    layer([np.zeros((1, 8, 8, 2), "float32"), np.zeros((1, 8, 8, 3), "float32")])
+    with pytest.raises(ValueError, match=r"'merge' was built for parts with \[2, 3\] channels, got \[3, 2\]"):
+        layer([np.zeros((1, 8, 8, 3), "float32"), np.zeros((1, 8, 8, 2), "float32")], training=True)
+
+
+def test_concat_conv_survives_a_keras_save_and_load(tmp_path, rng):
+    parts = [keras.Input((8, 8, 2)), keras.Input((8, 8, 3))]
+    model = keras.Model(parts, ConcatConv2D(4, 3, padding="same", name="merge")(parts))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    layer = loaded.get_layer("merge")
+    assert isinstance(layer, ConcatConv2D) and layer.part_channels == [2, 3]
+    assert tuple(layer.kernel.shape) == (3, 3, 5, 4)
+    x = [rng.random((2, 8, 8, c), dtype=np.float32) for c in (2, 3)]
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)

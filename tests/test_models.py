@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import unetpp_tf
-from unetpp_tf.models import supervision_heads
+from unetpp_tf.models import ConcatConv2D, supervision_heads
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +37,33 @@ def test_paper_layers_match_official_configuration(paper_ds):
     assert paper_ds.get_layer("output_4").activation.__name__ == "sigmoid"
 
 
+def _merging_convs(model) -> dict:
+    """{name: layer} of the convolutions over a concatenation (a node's first conv, given its parts)."""
+    return {layer.name: layer for layer in model.layers if isinstance(layer, ConcatConv2D)}
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
 def test_unetpp_nested_skips(depth):
     model = unetpp_tf.build_unetpp((None, None, 1), depth=depth, filters=2)
-    concats = {layer.name: layer for layer in model.layers if isinstance(layer, keras.layers.Concatenate)}
-    assert len(concats) == depth * (depth + 1) // 2
+    merges = _merging_convs(model)
+    assert len(merges) == depth * (depth + 1) // 2
+    assert not any(isinstance(layer, keras.layers.Concatenate) for layer in model.layers)  # never materialised
     for i in range(depth):
         for j in range(1, depth - i + 1):
-            inputs = concats[f"x_{i}_{j}_concat"].input
-            assert len(inputs) == j + 1  # X(i,0..j-1) and up(X(i+1,j-1))
+            parts = merges[f"x_{i}_{j}_conv1"].input  # X(i,0..j-1) and up(X(i+1,j-1)), in that order
+            expected = [model.get_layer(f"x_{i}_{k}_act2").output for k in range(j)]
+            expected.append(model.get_layer(f"x_{i}_{j}_up").output)
+            assert len(parts) == j + 1 and all(a is b for a, b in zip(parts, expected))
+            assert merges[f"x_{i}_{j}_conv1"].kernel.shape[2] == 2 * 2**i * (j + 1)  # one kernel over all parts
 
 
 def test_unet_has_only_plain_skips():
     model = unetpp_tf.build_unet((None, None, 1), depth=3, filters=2)
-    concats = [layer for layer in model.layers if isinstance(layer, keras.layers.Concatenate)]
-    assert sorted(layer.name for layer in concats) == ["x_0_3_concat", "x_1_2_concat", "x_2_1_concat"]
-    assert all(len(layer.input) == 2 for layer in concats)
+    merges = _merging_convs(model)
+    assert sorted(merges) == ["x_0_3_conv1", "x_1_2_conv1", "x_2_1_conv1"]
+    for name, layer in merges.items():
+        i = int(name[2])
+        assert layer.input[0] is model.get_layer(f"x_{i}_0_act2").output and len(layer.input) == 2
 
 
 @pytest.mark.parametrize(
@@ -76,7 +87,8 @@ def test_fixed_input_shape_is_static():
 
 
 def test_deep_supervision_heads(tiny_ds_model, images):
-    assert [t._keras_history.operation.name for t in tiny_ds_model.outputs] == ["output_1", "output_2"]
+    assert tiny_ds_model.output_names == ["output_1", "output_2"]
+    assert all(supervision_heads(tiny_ds_model)[j].output is tiny_ds_model.outputs[j - 1] for j in (1, 2))
     assert sorted(supervision_heads(tiny_ds_model)) == [1, 2]
     outs = tiny_ds_model.predict(images, verbose=0)
     assert len(outs) == 2 and all(o.shape == (4, 32, 32, 1) for o in outs)

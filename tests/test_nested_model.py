@@ -1,5 +1,9 @@
-"""Node-by-node training (concatenation-free, optionally recomputed) trains the same model as the
-plain functional graph: equal gradients, one BatchNorm update, same fit, same files."""
+"""Recomputed training (opt-in, version-guarded) trains the same model as the plain functional
+graph: equal gradients, one BatchNorm update, same fit, same files; outside the tested versions
+it falls back to the plain model with one warning."""
+
+import contextlib
+import warnings
 
 import keras
 import numpy as np
@@ -8,8 +12,8 @@ import tensorflow as tf
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig
-from unetpp_tf.models import nested_model as recompute_module
-from unetpp_tf.models.nested_model import NestedModel, RecomputedModel, with_recompute
+from unetpp_tf.models import recompute_graph
+from unetpp_tf.models.recompute import RecomputedModel, recompute_unavailable, with_recompute
 from unetpp_tf.training import model_from_config
 
 VARIANTS = {"bn": dict(batch_norm=True, dropout=0.0), "paper": dict(batch_norm=False, dropout=0.5),
@@ -23,7 +27,7 @@ def _tiny(**options):
 
 def _functional(model):
     """The plain Keras functional model over the same layers: the reference graph."""
-    return keras.Model(model._inputs_struct, model._outputs_struct, name=model.name)
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def _state(model):
@@ -53,12 +57,11 @@ def _gradients(model, images):
     return float(loss), [g.numpy() for g in grads], moving
 
 
-@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradients_and_statistics_equal_the_plain_model(variant, recompute, images):
+def test_gradients_and_statistics_equal_the_plain_model(variant, images):
     plain = _functional(_tiny(**VARIANTS[variant]))
-    recomputed = with_recompute(plain, recompute)  # the same layers and weights
-    assert type(recomputed) is (RecomputedModel if recompute else NestedModel)
+    recomputed = with_recompute(plain)  # the same layers and weights
+    assert type(recomputed) is RecomputedModel
     assert recomputed.layers == plain.layers
     start = _state(plain)
     before = [v.numpy() for v in plain.non_trainable_variables]
@@ -78,29 +81,38 @@ def test_gradients_and_statistics_equal_the_plain_model(variant, recompute, imag
 
 def test_each_node_is_recomputed_in_the_backward_pass(images, monkeypatch):
     model = with_recompute(_tiny(dropout=0.2))
-    segments = [step for step in recompute_module._plan(model) if isinstance(step, recompute_module._Segment)]
+    plan = recompute_graph._plan(model)
+    segments = [step for step in plan if isinstance(step, recompute_graph._Segment)]
     assert sorted(s.key for s in segments) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)]
-    # a node keeps only its own output; the up-sampling and concatenation run inside it
+    # a node keeps only its own output; the up-sampling and the convolution over its parts run inside it
     assert [len(s.outputs) for s in segments] == [1] * len(segments)
     x_0_2 = next(s for s in segments if s.key == (0, 2))
     assert {t.name for t in x_0_2.inputs} == {
         model.get_layer(name).output.name for name in ("x_0_0_drop2", "x_0_1_drop2", "x_1_1_drop2")
     }
-    assert x_0_2.fused  # the concatenation is summed into the first convolution
     # a skip that a later node reads again comes back out of the segment, so its gradient is
     # summed along the row: X(0, 1) relays X(0, 0) on to X(0, 2)
-    plan = recompute_module._plan(model)
-    relays = recompute_module._relays(plan)
-    x_0_1 = next(s for s in plan if isinstance(s, recompute_module._Segment) and s.key == (0, 1))
+    relays = recompute_graph._relays(plan)
+    x_0_1 = next(s for s in segments if s.key == (0, 1))
     assert model.get_layer("x_0_0_drop2").output.name in {x_0_1.inputs[k].name for k in relays[id(x_0_1)]}
-    calls = {"forward": 0, "replay": 0}
-    run_nodes = recompute_module._run_nodes
+    calls, replaying = {"forward": 0, "replay": 0}, []
+    run_nodes, replay_scope = recompute_graph._run_nodes, recompute_graph._replay_scope
 
-    def counting(nodes, tensors, seeds, fused=None):
-        calls["replay" if keras.src.backend.common.stateless_scope.in_stateless_scope() else "forward"] += 1
-        return run_nodes(nodes, tensors, seeds, fused)
+    @contextlib.contextmanager
+    def marked_replay_scope():
+        with replay_scope():
+            replaying.append(True)
+            try:
+                yield
+            finally:
+                replaying.pop()
 
-    monkeypatch.setattr(recompute_module, "_run_nodes", counting)
+    def counting(nodes, tensors, seeds):
+        calls["replay" if replaying else "forward"] += 1
+        return run_nodes(nodes, tensors, seeds)
+
+    monkeypatch.setattr(recompute_graph, "_replay_scope", marked_replay_scope)
+    monkeypatch.setattr(recompute_graph, "_run_nodes", counting)
     with tf.GradientTape() as tape:
         loss = sum(tf.reduce_sum(out) for out in model(images, training=True))
     assert calls == {"forward": len(segments) + 4, "replay": 0}  # 4 = two heads, two layers each
@@ -113,8 +125,9 @@ def test_inference_is_the_plain_graph(images):
     recomputed = with_recompute(plain)
     for a, b in zip(plain(images, training=False), recomputed(images, training=False)):
         np.testing.assert_array_equal(a, b)
-    assert type(with_recompute(recomputed, enabled=False)) is NestedModel
-    assert with_recompute(recomputed) is recomputed
+    back = with_recompute(recomputed, enabled=False)
+    assert not isinstance(back, RecomputedModel) and back.layers == recomputed.layers
+    assert with_recompute(recomputed) is recomputed and with_recompute(plain, enabled=False) is plain
 
 
 def test_short_fit_reaches_the_same_loss_and_dice():
@@ -154,9 +167,50 @@ def test_save_load_and_export(images, tmp_path):
 def test_options_reach_the_model():
     assert isinstance(model_from_config(TrainConfig(depth=2, filters=4, recompute=True), 1, 1), RecomputedModel)
     assert isinstance(model_from_config(TrainConfig(preset="paper", recompute=True), 1, 1), RecomputedModel)
-    assert type(model_from_config(TrainConfig(depth=2, filters=4), 1, 1)) is NestedModel
+    assert not isinstance(model_from_config(TrainConfig(depth=2, filters=4), 1, 1), RecomputedModel)
     assert isinstance(unetpp_tf.build_unet((32, 32, 1), depth=2, filters=4, recompute=True), RecomputedModel)
     from unetpp_tf.cli import build_parser
 
     args = build_parser().parse_args(["train", "--recompute"])
     assert args.recompute is True
+
+
+def test_installed_versions_are_in_the_tested_range():
+    assert recompute_unavailable() is None  # CI runs the recomputed path above, not the fallback
+
+
+@pytest.mark.parametrize(
+    "module, version, reason",
+    [(keras, "3.16.0", "Keras 3.16.0 is outside the tested range >=3.14,<3.16"),
+     (keras, "3.13.2", "Keras 3.13.2 is outside the tested range >=3.14,<3.16"),
+     (tf, "2.22.0", "TensorFlow 2.22.0 is outside the tested range >=2.21,<2.22")],
+)
+def test_untested_versions_fall_back_to_the_plain_model_with_one_warning(module, version, reason, images, monkeypatch):
+    if module is keras:
+        monkeypatch.setattr(keras, "version", lambda: version)
+    else:
+        monkeypatch.setattr(tf, "__version__", version)
+
+    def internals_must_not_run(*args, **kwargs):
+        raise AssertionError("the recomputed training call ran outside the tested versions")
+
+    monkeypatch.setattr(recompute_graph, "recomputed_call", internals_must_not_run)
+    assert recompute_unavailable() == reason
+    with pytest.warns(UserWarning) as caught:
+        model = _tiny(recompute=True)
+    assert len(caught) == 1 and reason in str(caught[0].message) and "without recomputation" in str(caught[0].message)
+    assert not isinstance(model, RecomputedModel)
+    # A RecomputedModel (e.g. loaded from a file) trains as the plain graph, warning once per model.
+    loaded = RecomputedModel(model.input, model.output, name="loaded")
+    loaded.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss())
+    masks = [(images > 0.5).astype("int32")] * 2
+    with pytest.warns(UserWarning) as caught:
+        first = loaded.train_on_batch(images, masks)
+        loaded.train_on_batch(images, masks)
+        with tf.GradientTape():
+            loaded(images, training=True)
+    assert [reason in str(w.message) for w in caught] == [True]
+    assert np.all(np.isfinite(first))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inference never warns
+        loaded(images, training=False)

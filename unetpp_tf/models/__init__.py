@@ -3,14 +3,16 @@
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
 from unetpp_tf.models.ensemble import ensemble_model
+from unetpp_tf.models.layers import ConcatConv2D
 from unetpp_tf.models.preprocessing import NORMALIZE_MODES, RESIZE_POLICIES, InputPreprocessing, model_preprocessing
 from unetpp_tf.models.presets import ARCHITECTURES, PRESETS, build_model, from_preset
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model, prune, supervision_heads
-from unetpp_tf.models.nested_model import NestedModel, RecomputedModel, with_recompute
+from unetpp_tf.models.recompute import NestedModel, RecomputedModel, recompute_unavailable, with_recompute
 from unetpp_tf.models.unetpp import build_unet, build_unetpp
 
 __all__ = [
     "ARCHITECTURES",
+    "ConcatConv2D",
     "INFERENCE_MODES",
     "NORMALIZE_MODES",
     "PRESETS",
@@ -28,6 +30,7 @@ __all__ = [
     "inference_model",
     "model_preprocessing",
     "prune",
+    "recompute_unavailable",
     "segmentation_head",
     "size_divisor",
     "supervision_heads",

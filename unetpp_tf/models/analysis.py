@@ -38,13 +38,15 @@ def count_flops(model: keras.Model, input_shape=None) -> int:
         raise ValueError(f"model input {model.input_shape} has no fixed size; pass input_shape=(H, W, C).")
     total = 0
     for layer in model.layers:
+        # kernel: (kh, kw, input channels / groups, filters), transposed (kh, kw, filters, input channels);
+        # a ConcatConv2D's kernel covers all its parts
         if isinstance(layer, keras.layers.Conv2DTranspose):
-            per_pixel, pixels = math.prod(layer.kernel_size), _spatial(layer.input.shape)
+            pixels = _spatial(layer.input.shape)
         elif isinstance(layer, keras.layers.Conv2D):
-            per_pixel, pixels = math.prod(layer.kernel_size), _spatial(layer.output.shape)
+            pixels = _spatial(layer.output.shape)
         else:
             continue
-        total += 2 * pixels * per_pixel * layer.input.shape[-1] * layer.filters
+        total += 2 * pixels * math.prod(layer.kernel.shape)
     return total
 
 
@@ -59,26 +61,56 @@ def _layer_scale(layer) -> float:
     return 1.0 / factor if isinstance(layer, keras.layers.Conv2DTranspose) else factor
 
 
-def _graph_scale(outputs) -> tuple[float, float]:
-    """(downsampling of `outputs`, deepest downsampling on the way) for a functional graph."""
+def _tensor_refs(structure) -> list[tuple]:
+    """(layer name, node index, tensor index) of every tensor in a serialized call or endpoint list."""
+    if isinstance(structure, dict):
+        if structure.get("class_name") == "__keras_tensor__":
+            return [tuple(structure["config"]["keras_history"])]
+        return [ref for value in structure.values() for ref in _tensor_refs(value)]
+    if isinstance(structure, (list, tuple)):
+        if len(structure) == 3 and isinstance(structure[0], str):  # one endpoint [name, node, tensor]
+            return [tuple(structure)]
+        return [ref for value in structure for ref in _tensor_refs(value)]
+    return []
+
+
+def _graph_config(model: keras.Model) -> dict:
+    try:
+        return model.get_config()
+    except (NotImplementedError, TypeError) as error:
+        raise ValueError(
+            f"cannot read the graph of model {model.name!r} from its configuration ({error}); "
+            "give its custom layers a get_config(), as saving the model needs too."
+        ) from error
+
+
+def _graph_scale(model: keras.Model) -> tuple[float, float]:
+    """(downsampling of the outputs, deepest downsampling on the way) for a functional model.
+
+    The graph is read from the model's public configuration: each layer's inbound nodes name
+    the layers (and calls) their input tensors come from.
+    """
+    config = _graph_config(model)
+    inbound = {layer["name"]: layer.get("inbound_nodes") or [] for layer in config["layers"]}
     memo = {}
 
-    def walk(tensor):
-        if id(tensor) not in memo:
-            op, node_index, _ = tensor._keras_history
-            parents = [walk(t) for t in op._inbound_nodes[node_index].input_tensors]
+    def walk(name, node_index):
+        if (name, node_index) not in memo:
+            calls = inbound[name]
+            parents = [walk(n, k) for n, k, _ in _tensor_refs(calls[node_index])] if calls else []
             scale = max((p[0] for p in parents), default=1.0)
             deepest = max((p[1] for p in parents), default=1.0)
-            if isinstance(op, keras.Model) and op.outputs:
-                inner_scale, inner_deepest = _graph_scale(op.outputs)
+            op = model.get_layer(name)
+            if isinstance(op, keras.Model) and calls and getattr(op, "outputs", None):
+                inner_scale, inner_deepest = _graph_scale(op)
                 deepest = max(deepest, scale * inner_deepest)
                 scale *= inner_scale
             else:
                 scale *= _layer_scale(op)
-            memo[id(tensor)] = (scale, max(deepest, scale))
-        return memo[id(tensor)]
+            memo[name, node_index] = (scale, max(deepest, scale))
+        return memo[name, node_index]
 
-    results = [walk(t) for t in outputs]
+    results = [walk(name, node_index) for name, node_index, _ in _tensor_refs(config["output_layers"])]
     return max(r[0] for r in results), max(r[1] for r in results)
 
 
@@ -98,4 +130,4 @@ def size_divisor(model: keras.Model) -> int:
         >>> size_divisor(build_unetpp((None, None, 1), depth=3))
         8
     """
-    return max(1, int(round(_graph_scale(model.outputs)[1])))
+    return max(1, int(round(_graph_scale(model)[1])))

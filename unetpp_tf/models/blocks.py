@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from unetpp_tf.models.layers import FusedBatchNormalization, FusedDropout
+from unetpp_tf.models.layers import ConcatConv2D, FusedBatchNormalization, FusedDropout
 
 UPSAMPLING_MODES = ("transpose", "bilinear", "nearest")
 
@@ -31,10 +31,14 @@ def conv_block(
     Layers are named from the prefix: `{name}_conv1`, `{name}_bn1`, `{name}_act1`,
     `{name}_drop1`, ... With BatchNorm the convolution has no bias (BatchNorm's shift
     replaces it). BatchNorm and dropout are the fused drop-in layers of
-    `unetpp_tf.models.layers`, which do the same work in fewer passes over memory.
+    `unetpp_tf.models.layers`, which do the same work in fewer passes over memory. Given a
+    list of tensors, the block convolves their concatenation: the first convolution is a
+    `ConcatConv2D` over the parts (the weights of a Conv2D over the concatenation, which
+    training never materialises).
 
     Args:
-        x: tensor. The block input, channels last.
+        x: tensor or list of tensors. The block input, channels last; a list is
+            concatenated along the channels.
         filters: int. Output channels of each convolution.
         name: str. Prefix for the layer names.
         batch_norm: bool. Insert BatchNormalization after each convolution.
@@ -55,9 +59,12 @@ def conv_block(
         >>> y = conv_block(x, 8, name="x_0_0")
         >>> tuple(y.shape)
         (None, 32, 32, 8)
+        >>> tuple(conv_block([y, keras.Input((32, 32, 4))], 8, name="x_0_1").shape)
+        (None, 32, 32, 8)
     """
     for k in range(1, convs + 1):
-        x = keras.layers.Conv2D(
+        conv = ConcatConv2D if isinstance(x, (list, tuple)) else keras.layers.Conv2D
+        x = conv(
             filters,
             3,
             padding="same",

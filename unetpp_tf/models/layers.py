@@ -12,6 +12,11 @@ backward pass. On the TensorFlow backend these subclasses use one kernel each wa
 
 Both keep Keras' variables, configuration and results, and fall back to the Keras code on
 other backends and for the options the fast path does not cover.
+
+The decoder's concatenations get the same treatment on every backend: `ConcatConv2D` is a
+`Conv2D` over the concatenation of its inputs (the same single kernel, so the same weights and
+parameter count) that in training computes a sum of convolutions over the parts with the
+matching kernel slices, so neither the concatenation nor the slices of its gradient exist.
 """
 
 from __future__ import annotations
@@ -155,3 +160,89 @@ class FusedDropout(keras.layers.Dropout):
         if not (training and 0.0 < self.rate < 1.0 and self.noise_shape is None and _on_tensorflow()):
             return super().call(inputs, training=training)
         return self.apply_mask(inputs, self.seed_generator.next())
+
+
+def _part_shapes(input_shape) -> list:
+    """The list of part shapes in `input_shape` (a list of shapes), or a clear error."""
+    shapes = list(input_shape) if isinstance(input_shape, (list, tuple)) else []
+    if not shapes or not all(isinstance(shape, (list, tuple)) for shape in shapes):
+        raise ValueError(
+            f"ConcatConv2D takes a list of tensors (the parts of the concatenation), got input shape "
+            f"{input_shape!r}; for a single tensor use keras.layers.Conv2D."
+        )
+    return [tuple(shape) for shape in shapes]
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class ConcatConv2D(keras.layers.Conv2D):
+    """`Conv2D(concatenate(parts))` without materialising the concatenation in training.
+
+    Called on a list of tensors that agree in every dimension but channels, it holds the one
+    kernel a `Conv2D` over their concatenation would hold (kh, kw, sum of the channels,
+    filters), with the same configuration, bias, regularizers and parameter count. Training
+    calls compute the sum over the parts of a convolution with the part's kernel slice, so
+    the concatenated tensor and, in the backward pass, its gradient and their slices are
+    never built; inference calls concatenate and run `Conv2D.call`, the plain graph (one
+    convolution op in exported models). Both equal the concatenated form up to float rounding.
+
+    Example:
+        >>> layer = ConcatConv2D(8, 3, padding="same")
+        >>> parts = [np.ones((2, 16, 16, 4), "float32"), np.ones((2, 16, 16, 6), "float32")]
+        >>> tuple(layer(parts, training=True).shape), tuple(layer.kernel.shape)
+        ((2, 16, 16, 8), (3, 3, 10, 8))
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Conv2D's input spec describes one tensor; this layer checks its list of parts itself.
+        self.input_spec = None
+
+    def _channel_axis(self) -> int:
+        return -1 if self.data_format == "channels_last" else 1
+
+    def _merged_shape(self, input_shape) -> tuple:
+        shapes = _part_shapes(input_shape)
+        axis = self._channel_axis()
+        channels = [shape[axis] for shape in shapes]
+        if any(c is None for c in channels):
+            raise ValueError(f"layer {self.name!r}: every part needs a known channel count, got shapes {shapes}.")
+        merged = list(shapes[0])
+        merged[axis] = sum(channels)
+        return tuple(merged)
+
+    def build(self, input_shape):
+        if self.groups != 1:
+            raise ValueError(f"layer {self.name!r}: ConcatConv2D supports groups=1 only, got groups={self.groups}.")
+        axis = self._channel_axis()
+        self.part_channels = [shape[axis] for shape in _part_shapes(input_shape)]
+        super().build(self._merged_shape(input_shape))
+        self.input_spec = None
+
+    def compute_output_shape(self, input_shape):
+        # Conv2D.build checks the merged (single-tensor) shape through this method too.
+        if input_shape and isinstance(input_shape[0], (list, tuple)):
+            input_shape = self._merged_shape(input_shape)
+        return super().compute_output_shape(input_shape)
+
+    def call(self, inputs, training=None):
+        parts = list(inputs)
+        channels = [part.shape[self._channel_axis()] for part in parts]
+        if channels != self.part_channels:
+            raise ValueError(
+                f"layer {self.name!r} was built for parts with {self.part_channels} channels, got {channels}."
+            )
+        if not training:
+            return super().call(keras.ops.concatenate(parts, axis=self._channel_axis()))
+        kernel = self.kernel
+        outputs, start = None, 0
+        for part, count in zip(parts, channels):
+            term = keras.ops.conv(
+                part, kernel[:, :, start:start + count, :], strides=self.strides, padding=self.padding,
+                data_format=self.data_format, dilation_rate=self.dilation_rate,
+            )
+            outputs = term if outputs is None else keras.ops.add(outputs, term)
+            start += count
+        if self.use_bias:
+            shape = (1, 1, 1, self.filters) if self.data_format == "channels_last" else (1, self.filters, 1, 1)
+            outputs = keras.ops.add(outputs, keras.ops.reshape(self.bias, shape))
+        return self.activation(outputs) if self.activation is not None else outputs

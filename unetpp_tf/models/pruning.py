@@ -25,18 +25,17 @@ def supervision_heads(model: keras.Model) -> dict[int, keras.layers.Layer]:
         [1, 2]
     """
     heads = {}
-    for tensor in model.outputs:
-        layer = tensor._keras_history.operation
-        match = _HEAD.match(layer.name)
+    for name in model.output_names:
+        match = _HEAD.match(name)
         if match:
-            heads[int(match.group(1))] = layer
+            heads[int(match.group(1))] = model.get_layer(name)
     return heads
 
 
 def _deep_supervision_heads(model: keras.Model, action: str) -> dict[int, keras.layers.Layer]:
     heads = supervision_heads(model)
     if len(heads) < 2:
-        names = ", ".join(t._keras_history.operation.name for t in model.outputs)
+        names = ", ".join(model.output_names)
         raise ValueError(
             f"cannot {action} model {model.name!r}: it was not built with deep supervision "
             f"(its only output is {names}). The columns X(0, 1..depth-1) have no trained head "

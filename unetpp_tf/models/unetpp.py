@@ -6,8 +6,10 @@ resolution) and column j. Column 0 is the encoder; for j > 0 UNet++ computes
     X(i, j) = conv_block(concat([X(i, 0), ..., X(i, j-1), up(X(i+1, j-1))]))
 
 while U-Net keeps only the nodes with i + j == depth and the skip X(i, 0). Layers are
-named after their node (`x_{i}_{j}_conv1`, `x_{i}_{j}_up`, `x_{i}_{j}_concat`, ...);
-the heads on X(0, j) are named `output_{j}`, as in the paper's official code.
+named after their node (`x_{i}_{j}_conv1`, `x_{i}_{j}_up`, ...); the heads on X(0, j) are
+named `output_{j}`, as in the paper's official code. The concatenation of a decoder node is
+the input of its first convolution, a `ConcatConv2D` over the list of parts (the weights of
+a Conv2D over the concatenation), so training never materialises it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from collections.abc import Sequence
 import keras
 
 from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
-from unetpp_tf.models.nested_model import NestedModel, RecomputedModel
 from unetpp_tf.models.preprocessing import preprocessing_layer
+from unetpp_tf.models.recompute import with_recompute
 
 
 def _check_depth(depth) -> None:
@@ -144,8 +146,7 @@ def _build(
                 kernel_initializer=kernel_initializer,
             )
             skips = [x[i, k] for k in range(j)] if nested else [x[i, 0]]
-            merged = keras.layers.Concatenate(name=f"x_{i}_{j}_concat")([*skips, up])
-            x[i, j] = conv_block(merged, widths[i], name=f"x_{i}_{j}", **block)
+            x[i, j] = conv_block([*skips, up], widths[i], name=f"x_{i}_{j}", **block)
 
     def head(j):
         return segmentation_head(
@@ -158,7 +159,8 @@ def _build(
         )
 
     outputs = [head(j) for j in range(1, depth + 1)] if deep_supervision else head(depth)
-    return (RecomputedModel if recompute else NestedModel)(inputs, outputs, name=name)
+    model = keras.Model(inputs, outputs, name=name)
+    return with_recompute(model) if recompute else model
 
 
 def build_unetpp(
@@ -216,8 +218,10 @@ def build_unetpp(
             Defaults to 1.0.
         recompute: bool. Train with recomputation: keep only the node outputs for the
             backward pass and run each node's forward again there, for much less
-            training memory at about 0.8x the speed (`unetpp_tf.models.nested_model`).
-            Inference and saved models are unaffected. Defaults to False.
+            training memory at about 0.8x the speed (`unetpp_tf.models.recompute`). It relies
+            on Keras internals, so outside the tested Keras and TensorFlow versions the plain
+            model comes back with a warning. Inference and saved models are unaffected.
+            Defaults to False.
         preprocessing: dict, InputPreprocessing or None. Intensity normalization inside
             the model, right after the input (a layer named "preprocessing", no weights),
             so every saved format applies it: a dict of `InputPreprocessing` arguments such
@@ -227,8 +231,8 @@ def build_unetpp(
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
-        keras.Model: the uncompiled functional model, a `NestedModel` (or
-        `RecomputedModel`), which trains without materialising the concatenations.
+        keras.Model: the uncompiled functional model (a `RecomputedModel` with
+        `recompute=True`), which trains without materialising the concatenations.
 
     Example:
         >>> model = build_unetpp((96, 96, 1), depth=4, filters=32, deep_supervision=True)
