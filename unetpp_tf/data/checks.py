@@ -66,6 +66,20 @@ def check_channels(channels) -> int | None:
     return channels
 
 
+def check_max_pixels(max_pixels) -> int | None:
+    """Validate the `max_pixels` argument: a positive integer, or None for no limit of the library's own.
+
+    Example:
+        >>> check_max_pixels(2**20)
+        1048576
+    """
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}.")
+    return int(max_pixels)
+
+
 def resolve_normalization(normalization) -> tuple[np.ndarray, np.ndarray] | None:
     """Turn the `normalization` argument into (mean, std) arrays, or None for unit scaling only.
 

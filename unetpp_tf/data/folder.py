@@ -17,6 +17,7 @@ import tensorflow as tf
 from unetpp_tf.data.checks import (
     check_channels,
     check_crop_fits,
+    check_max_pixels,
     check_normalization_channels,
     check_size,
     describe,
@@ -161,7 +162,7 @@ def from_directory(
     options = _Options.check(image_size, crop_size, channels, mask_mode, color_map, num_classes, normalization)
     parts, file_problems = _find_pairs(root, images, masks, splits, group_by)
     keys = group_keys(_joined(parts), group_by)
-    infos = inspect_pairs(_joined(parts), rgb=options.rgb, max_pixels=max_pixels)
+    infos = inspect_pairs(_joined(parts), rgb=options.rgb, max_pixels=check_max_pixels(max_pixels))
     problems = {pair: info.problem for pair, info in infos.items() if info.problem}
     mapping, class_problems = _plan_classes(infos, [pair for pair in infos if pair not in problems], options)
     problems.update(class_problems)

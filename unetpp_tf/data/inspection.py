@@ -227,7 +227,7 @@ class _open_checked:
                 "BMP or TIFF, or its header is damaged; replace or remove it",
             ) from None
         except Exception as error:  # noqa: BLE001 - any header parser failure means the file is unusable
-            raise UnusableFile(path, f"has a damaged header ({error}); replace or remove it") from None
+            raise UnusableFile(path, f"is truncated or damaged ({error}); replace or remove it") from None
         self._check_size()
         self._check_channels()
         try:
