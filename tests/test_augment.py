@@ -81,14 +81,80 @@ def test_config_round_trip():
     assert clone.get_config() == augmenter.get_config()
 
 
-def test_host_side_augmentation_in_tf_data():
-    augmenter = SegmentationAugmenter(rotation=0.1, noise=0.05, seed=1)
-    plain = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False)
-    augmented = unetpp_tf.data.synthetic(32, image_size=(32, 32), batch_size=8, shuffle=False, augment=augmenter)
-    (x0, _), (x1, y1) = next(iter(plain.train)), next(iter(augmented.train))
-    assert y1.dtype == tf.int32 and set(np.unique(y1.numpy())) <= {0, 1}
-    assert not np.allclose(x0.numpy(), x1.numpy())
-    np.testing.assert_array_equal(next(iter(augmented.val))[1].numpy(), next(iter(plain.val))[1].numpy())
+def _dihedral(array):
+    """The 8 flips/quarter turns of [H, W, C] (square), keyed by name."""
+    out = {}
+    for turns in range(4):
+        turned = np.rot90(array, turns, axes=(0, 1))
+        out[f"rot{turns}"] = turned
+        out[f"rot{turns}+flip"] = turned[:, ::-1]
+    return out
+
+
+def _transform_of(before, after):
+    """The name of the dihedral transform that maps `before` onto `after` exactly, or None."""
+    names = [name for name, moved in _dihedral(before).items() if np.array_equal(moved, after)]
+    return names[0] if len(names) == 1 else None
+
+
+def _host_batches(augmenter, seed=0, count=32, epochs=1, size=16):
+    """Every train batch of a synthetic set (unshuffled, one split) with host augmentation, per epoch."""
+    data = unetpp_tf.data.synthetic(
+        count, image_size=(size, size), batch_size=4, split=(1.0, 0.0, 0.0), shuffle=False, seed=seed,
+        augment=augmenter,
+    )
+    return [[(x.numpy(), y.numpy()) for x, y in data.train] for _ in range(epochs)]
+
+
+def test_host_augmentation_is_reproducible_for_a_seed():
+    settings = dict(rotation=0.1, zoom=0.1, noise=0.05, brightness=0.1)
+    first = _host_batches(SegmentationAugmenter(**settings, seed=1), seed=3, epochs=2)
+    again = _host_batches(SegmentationAugmenter(**settings, seed=1), seed=3, epochs=2)
+    for epoch_a, epoch_b in zip(first, again):  # 8 batches per epoch, augmented in parallel by tf.data
+        for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(ya, yb)
+    differs = [not np.array_equal(a[0], b[0]) for a, b in zip(first[0], first[1])]
+    assert all(differs)  # a new draw each epoch
+    other_data_seed = _host_batches(SegmentationAugmenter(**settings, seed=1), seed=4)[0]
+    other_layer_seed = _host_batches(SegmentationAugmenter(**settings, seed=2), seed=3)[0]
+    plain = _host_batches(None, seed=3)[0]
+    for other in (other_data_seed, other_layer_seed):
+        assert all(not np.allclose(a[0], b[0]) for a, b in zip(first[0], other))
+    for (x, y), (x0, y0) in zip(first[0], plain):
+        assert not np.allclose(x, x0) and y.dtype == np.int32 and set(np.unique(y)) <= {0, 1}
+
+
+def test_stateless_call_is_a_pure_function_of_its_seed():
+    images, masks = _shapes()
+    augmenter = SegmentationAugmenter(noise=0.05, seed=0, **GEOMETRIC)
+    seed = tf.constant([5, 9])
+    a = [np.asarray(t) for t in augmenter(images, masks, training=True, seed=seed)]
+    b = [np.asarray(t) for t in augmenter(images, masks, training=True, seed=seed)]
+    c = [np.asarray(t) for t in augmenter(images, masks, training=True, seed=tf.constant([5, 10]))]
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.allclose(a[0], c[0])
+    # Without a seed the layer's generator moves on: two calls differ.
+    d, e = (np.asarray(augmenter(images, masks, training=True)[0]) for _ in range(2))
+    assert not np.allclose(d, e)
+
+
+@pytest.mark.parametrize("rotate90", [False, True])
+def test_host_flips_and_quarter_turns_are_exact_and_shared_by_image_and_mask(rotate90):
+    count = 128 if rotate90 else 48
+    augmented = _host_batches(SegmentationAugmenter(flip=True, rotate90=rotate90, seed=0), count=count)[0]
+    plain = _host_batches(None, count=count)[0]
+    seen = []
+    for (x, y), (x0, y0) in zip(augmented, plain):
+        for image, mask, source, source_mask in zip(x, y, x0, y0):
+            name = _transform_of(source, image)
+            assert name is not None, "the image is not a flip or quarter turn of its source"
+            np.testing.assert_array_equal(mask, _dihedral(source_mask)[name])  # the same transform
+            seen.append(name)
+    # Both axes flip: a horizontal flip is rot0+flip, a vertical one rot2+flip, both rot2.
+    expected = set(_dihedral(np.zeros((1, 1, 1)))) if rotate90 else {"rot0", "rot0+flip", "rot2", "rot2+flip"}
+    assert set(seen) == expected
 
 
 def _identity_model():

@@ -16,8 +16,13 @@ XLA-compatible and works on any backend (keras.ops only).
 
 The layer is used in one of two places:
 - on the device, inside the training step: `AugmentedModel(model, augmenter)` wraps a
-  model so `fit` augments each batch where the model runs (the GPU when there is one);
-- on the host, in tf.data: pass `augment=augmenter` to a data source.
+  model so `fit` augments each batch where the model runs (the GPU when there is one). The
+  draws come from the layer's `keras.random.SeedGenerator`, a new draw each step;
+- on the host, in tf.data: pass `augment=augmenter` to a data source. Each batch then comes
+  with its own seed from the pipeline (`unetpp_tf.data.pipeline.finalize`) and every draw is a
+  stateless function of that seed (`tf.random.stateless_*`), so the augmented batches are the
+  same for the same pipeline seed however many batches tf.data augments in parallel. This
+  path needs the TensorFlow backend, as tf.data does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -69,6 +75,37 @@ def _intensity_range(images):
     return low, ops.max(images, axis=(1, 2, 3), keepdims=True) - low
 
 
+class _GeneratorDraws:
+    """Random draws from a `keras.random.SeedGenerator`: new values on every call (any backend)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def uniform(self, shape, low, high):
+        return keras.random.uniform(shape, low, high, seed=self.generator)
+
+    def normal(self, shape):
+        return keras.random.normal(shape, seed=self.generator)
+
+
+class _StatelessDraws:
+    """Random draws that are a pure function of a seed tensor [2]: the k-th draw uses fold_in(seed, k)."""
+
+    def __init__(self, seed):
+        self.seed = tf.cast(seed, tf.int64)
+        self.count = 0
+
+    def _next_seed(self):
+        self.count += 1
+        return tf.random.experimental.stateless_fold_in(self.seed, self.count)
+
+    def uniform(self, shape, low, high):
+        return tf.random.stateless_uniform(shape, self._next_seed(), low, high)
+
+    def normal(self, shape):
+        return tf.random.stateless_normal(shape, self._next_seed())
+
+
 @keras.saving.register_keras_serializable(package="unetpp_tf")
 class SegmentationAugmenter(keras.layers.Layer):
     """Random joint augmentation of an image batch and its mask batch.
@@ -76,6 +113,11 @@ class SegmentationAugmenter(keras.layers.Layer):
     Call it as `images, masks = augmenter(images, masks, training=True)`; with
     `training=False` both pass through unchanged. Masks may be [B, H, W] or [B, H, W, 1]
     of any integer or float dtype and come back with the same shape and dtype.
+
+    Randomness: without `seed=` in the call, the draws come from the layer's seed generator
+    (seeded with `seed`), new on every call. With `seed=` (an integer tensor of shape [2], as
+    the host pipeline gives each batch), the draws are a pure function of that seed and of
+    the layer's `seed` setting: the same call gives the same batch (TensorFlow backend).
 
     Args:
         flip: bool. Random horizontal and vertical flips. Defaults to True.
@@ -103,6 +145,7 @@ class SegmentationAugmenter(keras.layers.Layer):
     Example:
         >>> augmenter = SegmentationAugmenter(rotation=0.05, zoom=0.1, brightness=0.1, seed=0)
         >>> images, masks = augmenter(images, masks, training=True)
+        >>> again = augmenter(images, masks, training=True, seed=tf.constant([3, 7]))  # a pure function of [3, 7]
     """
 
     def __init__(
@@ -142,12 +185,13 @@ class SegmentationAugmenter(keras.layers.Layer):
     def build(self, images_shape=None, masks_shape=None):
         self.built = True
 
-    def _uniform(self, batch, low, high):
-        return keras.random.uniform((batch, 1, 1, 1), low, high, seed=self.seed_generator)
-
-    def _sampling_map(self, images):
+    def _sampling_map(self, images, draws):
         """Source pixel positions (rows, cols) [B, H, W] for all geometric transforms at once."""
         s = self.settings
+
+        def uniform(low, high):
+            return draws.uniform((batch, 1, 1, 1), low, high)[..., 0]
+
         shape = ops.shape(images)
         batch, height, width = shape[0], shape[1], shape[2]
         if s["rotate90"] and (images.shape[1] is None or images.shape[1] != images.shape[2]):
@@ -160,47 +204,51 @@ class SegmentationAugmenter(keras.layers.Layer):
         y = ops.cast(ops.arange(height), "float32")[None, :, None] - center_y + ops.zeros((batch, 1, 1))
         x = ops.cast(ops.arange(width), "float32")[None, None, :] - center_x + ops.zeros((batch, 1, 1))
         if s["flip"]:
-            y = y * ops.where(self._uniform(batch, 0.0, 1.0)[..., 0] < 0.5, -1.0, 1.0)
-            x = x * ops.where(self._uniform(batch, 0.0, 1.0)[..., 0] < 0.5, -1.0, 1.0)
+            y = y * ops.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+            x = x * ops.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
         if s["rotate90"]:  # exact quarter turns: cos/sin from a table, not from pi/2
-            k = ops.cast(ops.floor(self._uniform(batch, 0.0, 4.0)[..., 0]), "int32")
+            k = ops.cast(ops.floor(uniform(0.0, 4.0)), "int32")
             cos = ops.take(ops.convert_to_tensor([1.0, 0.0, -1.0, 0.0]), k)
             sin = ops.take(ops.convert_to_tensor([0.0, 1.0, 0.0, -1.0]), k)
             y, x = cos * y - sin * x, sin * y + cos * x
         if s["rotation"]:
-            angle = self._uniform(batch, -2 * math.pi * s["rotation"], 2 * math.pi * s["rotation"])[..., 0]
+            angle = uniform(-2 * math.pi * s["rotation"], 2 * math.pi * s["rotation"])
             cos, sin = ops.cos(angle), ops.sin(angle)
             y, x = cos * y - sin * x, sin * y + cos * x
         if s["zoom"]:
-            scale = self._uniform(batch, 1.0 - s["zoom"], 1.0 + s["zoom"])[..., 0]
+            scale = uniform(1.0 - s["zoom"], 1.0 + s["zoom"])
             y, x = y / scale, x / scale
         rows, cols = y + center_y, x + center_x
         if s["translation"]:
             shift = s["translation"]
-            rows = rows - self._uniform(batch, -shift, shift)[..., 0] * ops.cast(height, "float32")
-            cols = cols - self._uniform(batch, -shift, shift)[..., 0] * ops.cast(width, "float32")
+            rows = rows - uniform(-shift, shift) * ops.cast(height, "float32")
+            cols = cols - uniform(-shift, shift) * ops.cast(width, "float32")
         if s["elastic"]:
-            coarse = keras.random.normal((batch, 6, 6, 2), seed=self.seed_generator)
+            coarse = draws.normal((batch, 6, 6, 2))
             field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * s["elastic"]
             rows, cols = rows + field[..., 0], cols + field[..., 1]
         return _reflect(rows, height), _reflect(cols, width)
 
-    def _photometric(self, images):
+    def _photometric(self, images, draws):
         s = self.settings
         batch = ops.shape(images)[0]
+
+        def uniform(low, high):
+            return draws.uniform((batch, 1, 1, 1), low, high)
+
         _, spread = _intensity_range(images)
         if s["brightness"]:
-            images = images + self._uniform(batch, -s["brightness"], s["brightness"]) * spread
+            images = images + uniform(-s["brightness"], s["brightness"]) * spread
         if s["contrast"]:
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
-            images = (images - mean) * self._uniform(batch, 1 - s["contrast"], 1 + s["contrast"]) + mean
+            images = (images - mean) * uniform(1 - s["contrast"], 1 + s["contrast"]) + mean
         if s["gamma"]:
             now_low, now_spread = _intensity_range(images)
             unit = (images - now_low) / ops.maximum(now_spread, 1e-12)
-            images = unit ** ops.exp(self._uniform(batch, -s["gamma"], s["gamma"])) * now_spread + now_low
+            images = unit ** ops.exp(uniform(-s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
-            sigma = self._uniform(batch, 0.0, s["noise"]) * spread
-            images = images + sigma * keras.random.normal(ops.shape(images), seed=self.seed_generator)
+            sigma = uniform(0.0, s["noise"]) * spread
+            images = images + sigma * draws.normal(ops.shape(images))
         if s["blur"]:
             taps = ops.convert_to_tensor(_gaussian_taps(1.0), "float32")
             channels = images.shape[-1]
@@ -208,28 +256,38 @@ class SegmentationAugmenter(keras.layers.Layer):
             horizontal = ops.tile(ops.reshape(taps, (1, -1, 1, 1)), (1, 1, channels, 1))
             blurred = ops.depthwise_conv(images, vertical, padding="same")
             blurred = ops.depthwise_conv(blurred, horizontal, padding="same")
-            apply = self._uniform(batch, 0.0, 1.0) < s["blur"]
+            apply = uniform(0.0, 1.0) < s["blur"]
             images = ops.where(apply, blurred, images)
         if s["value_range"] is not None:
             images = ops.clip(images, *s["value_range"])
         return images
 
-    def call(self, images, masks, training=True):
+    def _draws(self, seed):
+        """Where the random values come from: the seed generator, or stateless ops on `seed`."""
+        if seed is None:
+            return _GeneratorDraws(self.seed_generator)
+        seed = tf.cast(seed, tf.int64)
+        if self.settings["seed"] is not None:
+            seed = tf.random.experimental.stateless_fold_in(seed, self.settings["seed"])
+        return _StatelessDraws(seed)
+
+    def call(self, images, masks, training=True, seed=None):
         if not training:
             return images, masks
+        draws = self._draws(seed)
         mask_dtype = masks.dtype
         squeeze = len(masks.shape) == 3
         images = ops.cast(images, "float32")
         masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
         if self.moves:
-            rows, cols = self._sampling_map(images)
+            rows, cols = self._sampling_map(images, draws)
             images = _sample(images, rows, cols, bilinear=True)
             masks = _sample(masks, rows, cols, bilinear=False)
-        images = self._photometric(images)
+        images = self._photometric(images, draws)
         masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
         return images, masks
 
-    def compute_output_spec(self, images, masks, training=True):
+    def compute_output_spec(self, images, masks, training=True, seed=None):
         return keras.KerasTensor(images.shape, "float32"), keras.KerasTensor(masks.shape, masks.dtype)
 
     def get_config(self):

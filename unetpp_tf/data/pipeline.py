@@ -8,11 +8,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from unetpp_tf.data.augment import SegmentationAugmenter
 from unetpp_tf.data.checks import describe
 from unetpp_tf.data.crops import center_crop_pair, random_crop_pair
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "val", "test")
+_AUGMENT_STREAM = 0x6175  # folded into the per-batch seeds of host augmentation
 
 
 @dataclasses.dataclass
@@ -186,7 +188,13 @@ def finalize(
     """Cache, shuffle, batch, (optionally) augment and prefetch a per-sample dataset.
 
     Every source ends here, so all of them behave alike. Shuffling is seeded and
-    reshuffles each epoch in the same sequence for the same seed.
+    reshuffles each epoch in the same sequence for the same seed. A `SegmentationAugmenter`
+    gets one seed per batch from a seeded stream that is new each epoch (like the shuffle
+    order and the random crops), and its draws are a pure function of that seed: two pipelines
+    with the same seed give the same augmented batches, epoch after epoch, however tf.data
+    schedules the parallel calls. As for shuffling, TensorFlow's global seed
+    (`keras.utils.set_random_seed`) also enters these streams. Any other `augment` callable
+    is called without a seed and draws its randomness itself.
 
     Args:
         samples: tf.data.Dataset. Unbatched (image float32 [H, W, C], mask int32 [H, W, 1]).
@@ -195,8 +203,8 @@ def finalize(
         seed: int. Shuffle seed. Defaults to 0.
         cache: bool or str. True caches decoded samples in memory, a path caches on
             disk, False disables. Defaults to True.
-        augment: callable or None. `augment(images, masks) -> (images, masks)` applied
-            to training batches in tf.data (the host), e.g. `SegmentationAugmenter`;
+        augment: callable or None. `augment(images, masks, training=True) -> (images, masks)`
+            applied to training batches in tf.data (the host), e.g. `SegmentationAugmenter`;
             leave None to augment on the device inside the train step instead.
         drop_remainder: bool. Drop the last incomplete batch. Defaults to False.
 
@@ -216,8 +224,36 @@ def finalize(
         samples = samples.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     batches = samples.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     if augment is not None:
-        batches = batches.map(lambda x, y: augment(x, y, training=True), num_parallel_calls=AUTOTUNE)
+        batches = augmented(batches, augment, seed)
     return batches.prefetch(AUTOTUNE)
+
+
+def augmented(batches: tf.data.Dataset, augment: Callable, seed: int = 0) -> tf.data.Dataset:
+    """Apply `augment` to every batch in parallel; a `SegmentationAugmenter` gets a seed per batch.
+
+    The seed of batch b in epoch e comes from `tf.data.Dataset.random(seed)` (a new stream each
+    iteration) folded with a constant of its own, so it is independent of the random-crop
+    stream of the same seed.
+
+    Args:
+        batches: tf.data.Dataset. Batches of (images, masks).
+        augment: callable. `augment(images, masks, training=True)`, e.g. a `SegmentationAugmenter`.
+        seed: int. Seed of the per-batch seed stream. Defaults to 0.
+
+    Returns:
+        tf.data.Dataset: augmented batches, in the order of `batches`.
+
+    Example:
+        >>> ds = augmented(batches, SegmentationAugmenter(rotation=0.1), seed=3)
+    """
+    if not isinstance(augment, SegmentationAugmenter):
+        return batches.map(lambda x, y: augment(x, y, training=True), num_parallel_calls=AUTOTUNE)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    seeds = seeds.map(lambda pair: tf.random.experimental.stateless_fold_in(pair, _AUGMENT_STREAM))
+    return tf.data.Dataset.zip(batches, seeds).map(
+        lambda pair, batch_seed: augment(pair[0], pair[1], training=True, seed=batch_seed),
+        num_parallel_calls=AUTOTUNE,
+    )
 
 
 def split_cache(cache: bool | str, split: str) -> bool | str:
