@@ -1,5 +1,7 @@
 """Folder, array and TFDS sources: decoding, mask conversion, resizing, cropping, splits, errors."""
 
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,7 +11,7 @@ from PIL import Image
 from unetpp_tf.data import decode
 from unetpp_tf.data.arrays import from_arrays
 from unetpp_tf.data.folder import from_directory
-from unetpp_tf.data.tfds_source import from_tfds, trimap_to_classes
+from unetpp_tf.data.tfds_source import _split_specs, from_tfds, trimap_to_classes
 
 ALL = (1.0, 0.0, 0.0)  # every pair in train: one deterministic batch when shuffle=False
 
@@ -491,27 +493,48 @@ def test_lookup_values_for_colour_codes():
     np.testing.assert_array_equal(decode.rgb_to_classes(rgb, table).numpy()[..., 0], [[0, 2]])
 
 
-def _mock_pet(count=7):
-    """`as_dataset_fn` for tfds.testing.mock_data: random sizes, trimap values {1, 2, 3}."""
+PET_SIZES = {"train": 20, "test": 6}
+SPLIT_TAG = {"train": 0, "test": 200}  # channel 1 of every mock image says which TFDS split it is from
 
-    def as_dataset(self, *args, **kwargs):
+
+def _mock_pet(sizes=PET_SIZES):
+    """`as_dataset_fn` for tfds.testing.mock_data that honours split slices such as "train[:82.3529%]".
+
+    TFDS itself turns the slice into example indices; example k of split s has the value k in
+    channel 0 and SPLIT_TAG[s] in channel 1, random sizes and trimap values {1, 2, 3}.
+    """
+    infos = {name: types.SimpleNamespace(num_examples=count) for name, count in sizes.items()}
+
+    def as_dataset(self, split, *args, **kwargs):
+        (part,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+        indices = range(sizes[part.splitname])[part.from_ : part.to]
+
         def generate():
             rng = np.random.default_rng(0)
-            for _ in range(count):
+            for k in indices:
                 height, width = rng.integers(20, 48, 2)
-                yield {
-                    "image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
-                    "segmentation_mask": rng.integers(1, 4, (height, width, 1), dtype=np.uint8),
-                }
+                image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                image[..., 0], image[..., 1] = k, SPLIT_TAG[part.splitname]
+                yield {"image": image, "segmentation_mask": rng.integers(1, 4, (height, width, 1), dtype=np.uint8)}
 
         signature = {
             "image": tf.TensorSpec([None, None, 3], tf.uint8),
             "segmentation_mask": tf.TensorSpec([None, None, 1], tf.uint8),
         }
         ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        return ds.apply(tf.data.experimental.assert_cardinality(count))
+        return ds.apply(tf.data.experimental.assert_cardinality(len(indices)))
 
     return as_dataset
+
+
+def _examples(ds):
+    """(TFDS split, example index) of every image of a batched split, read back from channels 1 and 0."""
+    found = []
+    for x, _ in ds:
+        corner = np.round(x.numpy()[:, 0, 0, :2] * 255).astype(int)
+        tags = {value: name for name, value in SPLIT_TAG.items()}
+        found += [(tags[int(tag)], int(index)) for index, tag in corner]
+    return found
 
 
 @pytest.mark.parametrize("classes, num_classes, ids", [("binary", 1, {0, 1}), ("trimap", 3, {0, 1, 2})])
@@ -519,15 +542,38 @@ def test_tfds_mock_pet(classes, num_classes, ids):
     with tfds.testing.mock_data(as_dataset_fn=_mock_pet()):
         data = from_tfds(classes=classes, image_size=(16, 24), batch_size=4)
         assert data.num_classes == num_classes and data.channels == 3 and data.image_size == (16, 24)
-        assert data.counts == {"train": 7, "val": 7, "test": 7}  # the mock ignores split slices
         assert "train[:82.3529%]" in data.source and "train[82.3529%:]" in data.source
+        parts = {name: _examples(data[name]) for name in ("train", "val", "test")}
         seen = set()
         for x, y in data.train:
             assert x.dtype == tf.float32 and y.dtype == tf.int32
             assert x.shape[1:] == (16, 24, 3) and y.shape[1:] == (16, 24, 1)
-            assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
             seen |= set(np.unique(y.numpy()).tolist())
         assert seen == ids
+    # TFDS "train" cut 0.7 : 0.15 into train and val, TFDS "test" as the test split: disjoint and covering.
+    assert data.counts == {"train": 16, "val": 4, "test": 6} == {name: len(found) for name, found in parts.items()}
+    assert sorted(parts["train"]) == [("train", k) for k in range(16)]
+    assert sorted(parts["val"]) == [("train", k) for k in range(16, 20)]
+    assert sorted(parts["test"]) == [("test", k) for k in range(6)]
+
+
+@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.6, 0.2, 0.2), (0.8, 0.0, 0.2), (0.5, 0.5, 0.0)])
+@pytest.mark.parametrize("available", [["train", "test"], ["train"]])
+def test_tfds_split_specs_are_disjoint_and_cover_the_data(fractions, available):
+    sizes = {"train": 37, "test": 11}
+    infos = {name: types.SimpleNamespace(num_examples=sizes[name]) for name in available}
+    specs = _split_specs(fractions, available)
+    taken = {}
+    for part, spec in specs.items():
+        if spec is not None:
+            (cut,) = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
+            taken[part] = [(cut.splitname, k) for k in range(sizes[cut.splitname])[cut.from_ : cut.to]]
+    together = [example for examples in taken.values() for example in examples]
+    assert len(together) == len(set(together))  # no example in two parts
+    assert set(together) == {(name, k) for name in available for k in range(sizes[name])}  # each in one
+    if available == ["train"]:  # one TFDS split cut three ways, as the fractions say
+        for part, fraction in zip(("train", "val", "test"), fractions):
+            assert abs(len(taken.get(part, [])) - fraction * sizes["train"]) < 1
 
 
 def test_tfds_mock_default_generator_and_guards():
