@@ -1,17 +1,22 @@
 """The effect of each training speed change, measured side by side in one process.
 
 For the paper-width UNet++ at 96x96 batch 16 (float32, XLA off), in the three variants of
-`model_throughput.py` (paper: no BatchNorm, dropout 0.5; no-bn; bn), this trains three
-builds with identical weights and data, alternating their steps so machine load hits all
-alike, and prints images/s and the ratio to the first:
+`model_throughput.py` (paper: no BatchNorm, dropout 0.5; no-bn; bn), this trains builds with
+identical weights and data, alternating their steps so machine load hits all alike, and
+prints images/s and the ratios:
 
-- keras:  Keras' BatchNormalization and Dropout, plain functional graph (the starting point);
-- fused:  the fused BatchNorm and one-pass dropout of `unetpp_tf.models.layers`;
-- nested: fused layers and the concatenation-free training call of `NestedModel` (the default).
+- keras:     Keras' BatchNormalization and Dropout, and each decoder node's Concatenate
+             layer feeding a Conv2D (the plain functional graph; the starting point);
+- fused:     the fused BatchNorm and one-pass dropout of `unetpp_tf.models.layers`, same graph;
+- default:   fused layers and `ConcatConv2D`, whose training call sums convolutions over the
+             parts instead of materialising the concatenation (what the builders return);
+- recompute: with `--recompute`, the opt-in recomputed training call (less memory, slower;
+             `benchmarks/recompute_memory.py` measures its memory).
 
 Usage:
-    python benchmarks/training_changes.py              # ~4 min on 2 cores
-    python benchmarks/training_changes.py --variant bn --rounds 8
+    python benchmarks/training_changes.py              # ~5 min on 2 cores
+    python benchmarks/training_changes.py --variant bn --rounds 15
+    python benchmarks/training_changes.py --recompute  # and the recomputed training call
 """
 
 from __future__ import annotations
@@ -26,54 +31,72 @@ import unetpp_tf
 from unetpp_tf.models import blocks
 
 VARIANTS = {"paper": (False, 0.5), "no-bn": (False, 0.0), "bn": (True, 0.0)}
-BUILDS = ("keras", "fused", "nested")
+
+
+def concat_then_conv2d(*args, name: str, **kwargs):
+    """The graph without ConcatConv2D: a Concatenate layer, then a Conv2D over its output."""
+    conv = keras.layers.Conv2D(*args, name=name, **kwargs)
+    return lambda parts: conv(keras.layers.Concatenate(name=name.replace("_conv1", "_concat"))(parts))
 
 
 def build(kind: str, batch_norm: bool, dropout: float, size: int) -> keras.Model:
     """The paper-width model as `kind` builds it, with the weights of seed 0."""
-    fused_layers = (blocks.FusedBatchNormalization, blocks.FusedDropout)
+    originals = (blocks.FusedBatchNormalization, blocks.FusedDropout, blocks.ConcatConv2D)
     if kind == "keras":  # conv_block looks these names up when it runs
         blocks.FusedBatchNormalization, blocks.FusedDropout = keras.layers.BatchNormalization, keras.layers.Dropout
+    if kind in ("keras", "fused"):
+        blocks.ConcatConv2D = concat_then_conv2d
     try:
         keras.utils.set_random_seed(0)
-        model = unetpp_tf.from_preset("paper", input_shape=(size, size, 1), batch_norm=batch_norm, dropout=dropout)
+        model = unetpp_tf.from_preset(
+            "paper", input_shape=(size, size, 1), batch_norm=batch_norm, dropout=dropout,
+            recompute=kind == "recompute",
+        )
     finally:
-        blocks.FusedBatchNormalization, blocks.FusedDropout = fused_layers
-    if kind != "nested":
-        model = keras.Model(model._inputs_struct, model._outputs_struct, name=model.name)
+        blocks.FusedBatchNormalization, blocks.FusedDropout, blocks.ConcatConv2D = originals
     model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=False)
     return model
+
+
+def alternate(models: dict, images, masks, rounds: int) -> dict:
+    """Images/s of each model: median of `rounds` training steps taken in turn after two warm-up steps."""
+    for model in models.values():
+        for _ in range(2):  # trace and warm up
+            model.train_on_batch(images, masks)
+    times = {kind: [] for kind in models}
+    for _ in range(rounds):
+        for kind, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(images, masks)
+            times[kind].append(time.perf_counter() - start)
+    return {kind: len(images) / float(np.median(t)) for kind, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=(*VARIANTS, "all"), default="all")
-    parser.add_argument("--rounds", type=int, default=5, help="timed steps per build")
+    parser.add_argument("--rounds", type=int, default=9, help="timed steps per build")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--recompute", action="store_true", help="also time recompute=True")
     args = parser.parse_args()
+    builds = ("keras", "fused", "default") + (("recompute",) if args.recompute else ())
     rng = np.random.default_rng(0)
     images = rng.random((args.batch, args.size, args.size, 1), dtype=np.float32)
     masks = (images > 0.5).astype(np.int32)
     variants = list(VARIANTS) if args.variant == "all" else [args.variant]
     print(f"paper-width UNet++, {args.size}x{args.size} batch {args.batch}, float32, XLA off; "
           f"median of {args.rounds} alternating steps\n")
-    print(f"{'variant':>7} " + " ".join(f"{kind + ' img/s':>13}" for kind in BUILDS) + "   fused/keras  nested/keras")
+    ratios = [f"{kind}/keras" for kind in builds[1:]] + ["default/fused"]
+    print(f"{'variant':>7} " + " ".join(f"{kind + ' img/s':>15}" for kind in builds)
+          + " " + " ".join(f"{r:>16}" for r in ratios))
     for variant in variants:
         batch_norm, dropout = VARIANTS[variant]
-        models = {kind: build(kind, batch_norm, dropout, args.size) for kind in BUILDS}
-        for model in models.values():
-            for _ in range(2):  # trace and warm up
-                model.train_on_batch(images, masks)
-        times = {kind: [] for kind in BUILDS}
-        for _ in range(args.rounds):
-            for kind, model in models.items():
-                start = time.perf_counter()
-                model.train_on_batch(images, masks)
-                times[kind].append(time.perf_counter() - start)
-        speed = {kind: args.batch / float(np.median(t)) for kind, t in times.items()}
-        print(f"{variant:>7} " + " ".join(f"{speed[kind]:>13.2f}" for kind in BUILDS)
-              + f"   {speed['fused'] / speed['keras']:>10.2f}x  {speed['nested'] / speed['keras']:>11.2f}x")
+        models = {kind: build(kind, batch_norm, dropout, args.size) for kind in builds}
+        speed = alternate(models, images, masks, args.rounds)
+        values = [speed[kind] / speed["keras"] for kind in builds[1:]] + [speed["default"] / speed["fused"]]
+        print(f"{variant:>7} " + " ".join(f"{speed[kind]:>15.2f}" for kind in builds)
+              + " " + " ".join(f"{v:>15.2f}x" for v in values))
         del models
 
 
