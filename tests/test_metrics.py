@@ -295,3 +295,122 @@ def test_compiled_model_saves_and_loads(loss, num_classes, tmp_path):
         want = (counts[0].sum() / ids.size if cls is metrics.PixelAccuracy and num_classes > 1
                 else scores[KEYS[cls]].mean())
         assert before[key] == pytest.approx(float(want), rel=1e-5), key
+
+
+# ---------------------------------------------------------------- cross-checks with Keras and NumPy
+def batches_with_every_class(seed=7, k=3, batches=3):
+    """Streamed batches of (ids (2, 6, 6), probabilities (2, 6, 6, k)) where every class occurs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        ids = rng.integers(0, k, (2, 6, 6))
+        probs = rng.dirichlet(np.ones(k), (2, 6, 6)).astype("float32")
+        out.append((ids, probs))
+    return out
+
+
+def numpy_dice(truth, pred, k):
+    """Per-class Dice 2|A and B| / (|A| + |B|) from boolean masks of the pooled pixels (written independently)."""
+    scores = []
+    for c in range(k):
+        a, b = truth == c, pred == c
+        scores.append(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+    return np.array(scores)
+
+
+def test_iou_matches_keras_mean_iou_and_iou_where_conventions_agree():
+    batches = batches_with_every_class()
+    ours = metrics.IoU(num_classes=3)
+    mean_iou = keras.metrics.MeanIoU(num_classes=3, sparse_y_pred=False)
+    per_class = [keras.metrics.IoU(num_classes=3, target_class_ids=[c], sparse_y_pred=False) for c in range(3)]
+    for ids, probs in batches:  # streaming: both accumulate one confusion matrix over the batches
+        for metric in [ours, mean_iou, *per_class]:
+            metric.update_state(ids, probs)
+    np.testing.assert_allclose(value(ours.result()), value(mean_iou.result()), rtol=1e-5)
+    np.testing.assert_allclose(value(ours.per_class_result()), [value(m.result()) for m in per_class], rtol=1e-5)
+
+
+def test_iou_matches_keras_with_pixel_weights_and_void_labels():
+    (ids, probs), = batches_with_every_class(seed=8, batches=1)
+    weights = np.random.default_rng(9).random(ids.shape).astype("float32")
+    ids = ids.copy()
+    ids[0, :2] = 255  # "void" pixels: ignored by both (keras: ignore_class=255)
+    ours = metrics.IoU(num_classes=3)
+    ours.update_state(ids, probs, sample_weight=weights)
+    reference = keras.metrics.MeanIoU(num_classes=3, sparse_y_pred=False, ignore_class=255, dtype="float32")
+    reference.update_state(ids, probs, sample_weight=weights)
+    np.testing.assert_allclose(value(ours.result()), value(reference.result()), rtol=1e-5)
+
+
+def test_binary_iou_matches_keras_binary_iou_including_the_threshold_itself():
+    rng = np.random.default_rng(10)
+    truth = (rng.random((4, 8, 8, 1)) > 0.6).astype("float32")
+    probs = rng.random((4, 8, 8, 1)).astype("float32")
+    probs[0, 0, :4, 0] = 0.5  # exactly at the threshold: foreground for both (p >= threshold)
+    reference = keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5)
+    reference.update_state(truth, probs)
+    np.testing.assert_allclose(run(metrics.IoU(), (truth, probs)), value(reference.result()), rtol=1e-5)
+    both = keras.metrics.BinaryIoU(target_class_ids=[0, 1], threshold=0.5)
+    both.update_state(truth, probs)
+    ours_both = metrics.IoU(num_classes=2)  # the same as a 2-class softmax model's IoU
+    two_class = np.concatenate([probs < 0.5, probs >= 0.5], -1).astype("float32")
+    np.testing.assert_allclose(run(ours_both, (truth[..., 0], two_class)), value(both.result()), rtol=1e-5)
+
+
+def test_dice_against_numpy_and_keras_f1_on_pooled_pixels():
+    batches = batches_with_every_class(seed=11)
+    truth = np.concatenate([ids for ids, _ in batches])
+    pred = np.concatenate([probs.argmax(-1) for _, probs in batches])
+    expected = numpy_dice(truth, pred, 3)
+    dice, f1 = metrics.Dice(num_classes=3), metrics.F1Score(num_classes=3)
+    keras_f1 = keras.metrics.F1Score(average=None)  # per class; threshold None = the argmax class
+    for ids, probs in batches:
+        dice.update_state(ids, probs)
+        f1.update_state(ids, probs)
+        keras_f1.update_state(np.eye(3, dtype="float32")[ids].reshape(-1, 3), probs.reshape(-1, 3))
+    np.testing.assert_allclose(value(dice.per_class_result()), expected, rtol=1e-6)
+    np.testing.assert_allclose(value(dice.result()), expected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(value(f1.per_class_result()), expected, rtol=1e-6)
+    np.testing.assert_allclose(value(keras_f1.result()), expected, rtol=1e-5)
+
+
+def test_binary_dice_against_numpy():
+    rng = np.random.default_rng(12)
+    truth = rng.random((3, 10, 10, 1)) > 0.7
+    probs = rng.random((3, 10, 10, 1)).astype("float32")
+    a, b = truth, probs >= 0.5
+    expected = 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+    metric = metrics.Dice()
+    for i in range(3):
+        metric.update_state(truth[i : i + 1].astype("float32"), probs[i : i + 1])
+    np.testing.assert_allclose(value(metric.result()), expected, rtol=1e-6)
+
+
+def test_documented_differences_from_keras_and_per_image_means():
+    # 1. A class absent from mask and prediction: Keras leaves it out of the mean, these metrics count it
+    #    as zero_division (1.0 by default), and zero_division=0.0 counts it as 0.
+    ids = np.array([[[0, 0, 1, 1]]])
+    probs = np.eye(3, dtype="float32")[np.array([[[0, 1, 1, 1]]])]
+    iou0, iou1 = 1 / 2, 2 / 3
+    mean_iou = keras.metrics.MeanIoU(num_classes=3, sparse_y_pred=False)
+    mean_iou.update_state(ids, probs)
+    np.testing.assert_allclose(value(mean_iou.result()), (iou0 + iou1) / 2, rtol=1e-5)
+    assert run(metrics.IoU(num_classes=3), (ids, probs)) == pytest.approx((iou0 + iou1 + 1.0) / 3)
+    assert run(metrics.IoU(num_classes=3, zero_division=0.0), (ids, probs)) == pytest.approx((iou0 + iou1) / 3)
+    # 2. Pooled over all pixels, not the mean of per-image scores (per-image: confusion_counts(per_sample=True)).
+    truth = np.zeros((2, 4, 4, 1), "float32")
+    truth[0] = 1.0  # image 0: 16 foreground pixels, all found; image 1: 1 pixel, missed
+    truth[1, 0, 0] = 1.0
+    pred = truth.copy()
+    pred[1, 0, 0] = 0.0
+    pooled = run(metrics.Dice(), (truth, pred))
+    per_image = metrics.ratios_from_counts(*metrics.confusion_counts(truth, pred, per_sample=True))["dice"]
+    assert pooled == pytest.approx(32 / 33)
+    np.testing.assert_allclose(value(per_image)[:, 0], [1.0, 0.0])
+    # 3. No smoothing: the Dice loss adds smooth=1 to both terms, the metric does not.
+    small_truth, small_pred = np.zeros((1, 4, 4, 1), "float32"), np.zeros((1, 4, 4, 1), "float32")
+    small_truth[0, 0, 0] = 1.0
+    small_pred[0, 0, :2] = 1.0
+    assert run(metrics.Dice(), (small_truth, small_pred)) == pytest.approx(2 / 3)
+    loss = value(losses.dice_loss(small_truth, small_pred))[0]
+    assert 1.0 - loss == pytest.approx(3 / 4)  # (2 * 1 + 1) / (1 + 2 + 1)

@@ -9,6 +9,15 @@ Shapes: `y_pred` is (batch, H, W, C). C == 1 is binary (a sigmoid probability, o
 with `from_logits=True`); C > 1 is multi-class (softmax probabilities, or logits). `y_true`
 is either one-hot/binary with the shape of `y_pred`, or class ids of shape (batch, H, W) or
 (batch, H, W, 1); any integer or float dtype.
+
+Compared with Keras' own losses (the tests cross-check each): the cross-entropies and the
+focal losses equal `keras.losses.binary_crossentropy`, `categorical_crossentropy`,
+`binary_focal_crossentropy(apply_class_balancing=True)` and `categorical_focal_crossentropy`
+averaged over each image's pixels. The Dice and Tversky losses add `smooth` (1.0) to the
+numerator and the denominator, where `keras.losses.dice` / `tversky` add a 1e-7 epsilon to the
+denominator only, and take the mean of per-class values, where Keras' `axis=(1, 2, 3)` pools
+the classes: with `smooth=0` they equal Keras' per-class values (`axis=(1, 2)`) averaged.
+`unetpp_tf.metrics.Dice` has no smoothing and pools over the whole dataset.
 """
 
 from __future__ import annotations
@@ -174,7 +183,10 @@ def dice_loss(y_true, y_pred, smooth=1.0, from_logits=False):
 
     For each sample and class, over the spatial axes:
     dice_c = (2 * sum(t * p) + smooth) / (sum(t) + sum(p) + smooth).
-    A binary model (C == 1) scores its single foreground channel.
+    A binary model (C == 1) scores its single foreground channel. The smoothing makes an
+    empty mask with an empty prediction a perfect score and keeps small masks from dominating;
+    it also means 1 - loss is not the Dice metric (a 1-pixel mask predicted as 2 pixels: loss
+    Dice 3/4, metric 2/3).
 
     Args:
         {args}
@@ -253,7 +265,9 @@ def tversky_loss(y_true, y_pred, alpha=0.5, beta=0.5, smooth=1.0, from_logits=Fa
     index_c = (TP + smooth) / (TP + alpha * FP + beta * FN + smooth) with soft counts
     TP = sum(t * p), FP = sum((1 - t) * p), FN = sum(t * (1 - p)). A beta above alpha
     penalizes missed foreground more. With alpha = beta = 0.5 it equals `dice_loss` with
-    twice the `smooth` (exactly `dice_loss` when smooth = 0).
+    twice the `smooth` (exactly `dice_loss` when smooth = 0). This is Salehi et al.'s
+    convention (alpha on false positives); `keras.losses.tversky` in Keras 3.15 and earlier
+    applies alpha to the false negatives instead, so the two agree only when alpha = beta.
 
     Args:
         {args}

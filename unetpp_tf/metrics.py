@@ -10,6 +10,27 @@ Binary models (num_classes=1) predict foreground where p >= threshold and are sc
 the foreground class. Multi-class models predict the argmax class. A ratio whose
 denominator is 0 returns `zero_division`: a class absent from both the mask and the
 prediction scores 1.0 by default.
+
+Conventions, and where other implementations differ (the tests cross-check the first two):
+- Pooling: counts are summed over every pixel of every image and batch, then each class's
+  ratio is taken, then the mean over classes. `keras.metrics.MeanIoU` / `keras.metrics.IoU`
+  pool the same way and agree with `IoU` whenever every class occurs in the mask or the
+  prediction (up to the 1e-7 Keras adds to the denominator); `keras.metrics.F1Score` on the
+  pixels flattened to (N, C) agrees with `Dice` and `F1Score` likewise. A mean of per-image
+  scores (MONAI's `DiceMetric` default, or the per-image table of
+  `unetpp_tf.evaluation`, which uses `confusion_counts(..., per_sample=True)`) differs:
+  an image with one missed pixel counts as much as one with thousands.
+- Absent classes: a class in neither mask nor prediction scores `zero_division` (1.0) and
+  stays in the mean; Keras' IoU metrics leave such a class out of the mean instead (pass
+  `zero_division=0.0` to count it as 0; no setting here drops it).
+- Binary: the foreground class only, like `keras.metrics.BinaryIoU(target_class_ids=[1])`
+  (whose `target_class_ids=[0, 1]` averages in the background too, as `num_classes=2` does
+  here). Foreground is p >= threshold, as in BinaryIoU; `keras.metrics.F1Score` uses p > threshold.
+- Void pixels: multi-class ids outside 0..num_classes-1 (e.g. 255) are ignored, like Keras'
+  out-of-range ids or `ignore_class=255`.
+- No smoothing: the ratios are exact. The Dice loss (`unetpp_tf.losses.dice_loss`) adds
+  `smooth=1` to numerator and denominator of each image's soft Dice, so 1 - loss is not this
+  metric: a 1-pixel mask predicted as 2 pixels scores Dice 2/3 here and 3/4 in the loss.
 """
 
 from __future__ import annotations
@@ -264,6 +285,9 @@ def _public(cls):
 class Dice(_ConfusionMetric):
     """Dice coefficient 2TP / (2TP + FP + FN) over all data seen.
 
+    The counts are pooled over every pixel seen, then averaged over classes (see the module
+    docstring for how that compares with per-image means and with the smoothed Dice loss).
+
     Args:
         {args}
 
@@ -280,6 +304,10 @@ class Dice(_ConfusionMetric):
 @_public
 class IoU(_ConfusionMetric):
     """Intersection over union (Jaccard index) TP / (TP + FP + FN) over all data seen.
+
+    Equal to `keras.metrics.MeanIoU(num_classes)` when every class occurs in the mask or the
+    prediction; a class in neither scores `zero_division` here and is left out of the mean by
+    Keras (module docstring).
 
     Args:
         {args}
