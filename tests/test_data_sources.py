@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from unetpp_tf.data import decode
+from unetpp_tf.data import checks, crops, decode, masks, pipeline, readers
 from unetpp_tf.data.arrays import from_arrays
 from unetpp_tf.data.folder import from_directory
 from unetpp_tf.data.tfds_source import _split_specs, from_tfds, trimap_to_classes
@@ -488,9 +488,18 @@ def test_trimap_mapping_both_modes():
 
 
 def test_lookup_values_for_colour_codes():
-    table = decode.check_color_map({(0, 0, 0): 0, (10, 20, 30): 2})
+    table = masks.check_color_map({(0, 0, 0): 0, (10, 20, 30): 2})
     rgb = tf.constant([[[0, 0, 0], [10, 20, 30]]], tf.uint8)
-    np.testing.assert_array_equal(decode.rgb_to_classes(rgb, table).numpy()[..., 0], [[0, 2]])
+    np.testing.assert_array_equal(masks.rgb_to_classes(rgb, table).numpy()[..., 0], [[0, 2]])
+
+
+def test_decode_keeps_the_earlier_import_path():
+    homes = (checks, crops, masks, pipeline, readers)
+    for name in decode.__all__:
+        owners = [module for module in homes if getattr(module, name, None) is getattr(decode, name)]
+        assert owners, f"unetpp_tf.data.decode.{name} is not the object of its module"
+    for name in ("IMAGE_EXTENSIONS", "check_size", "pil_image_array"):  # what inference and tests import
+        assert name in decode.__all__
 
 
 PET_SIZES = {"train": 20, "test": 6}

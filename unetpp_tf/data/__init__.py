@@ -3,6 +3,12 @@
 Every source returns a `SegmentationData` of batched train/val/test `tf.data.Dataset`s
 yielding (image float32 [B, H, W, C], mask int32 [B, H, W, 1]) tuples.
 
+Modules, one concern each: the sources `folder` (over `pairing` and `inspection`), `arrays`,
+`tfds_source`, `synthetic`; per sample `checks` (arguments), `masks` (values -> class ids),
+`readers` (file decoding), `crops` (resize, normalize, crop); `pipeline` (splits, cache,
+shuffle, batches); `augment` (joint augmentation); `stats`. `decode` re-exports the per-sample
+helpers under their earlier import path.
+
 Example:
     >>> data = unetpp_tf.data.synthetic(num_samples=256)
     >>> data = unetpp_tf.data.from_directory("my_data", image_size=(256, 256), group_by=r"^(slide[0-9]+)_")
@@ -11,6 +17,7 @@ Example:
 from unetpp_tf.data.arrays import from_arrays
 from unetpp_tf.data.augment import AugmentedModel, SegmentationAugmenter
 from unetpp_tf.data.folder import from_directory
+from unetpp_tf.data.inspection import MAX_IMAGE_PIXELS
 from unetpp_tf.data.pipeline import (
     SPLITS,
     SegmentationData,
@@ -24,6 +31,7 @@ from unetpp_tf.data.synthetic import synthetic, synthetic_sample
 from unetpp_tf.data.tfds_source import from_tfds
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "SPLITS",
     "AugmentedModel",
     "SegmentationAugmenter",
