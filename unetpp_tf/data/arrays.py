@@ -38,6 +38,7 @@ def from_arrays(
     mask_mode: str = "auto",
     num_classes: int | None = None,
     normalization="unit",
+    # The pipeline arguments below have the same names and defaults in every source, on purpose.
     batch_size: int = 8,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,

@@ -62,6 +62,7 @@ def from_directory(
     color_map: dict | None = None,
     num_classes: int | None = None,
     normalization="unit",
+    # The pipeline arguments below have the same names and defaults in every source, on purpose.
     batch_size: int = 8,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,

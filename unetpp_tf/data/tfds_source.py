@@ -54,6 +54,7 @@ def from_tfds(
     crop_size: tuple[int, int] | None = None,
     num_classes: int | None = None,
     normalization="unit",
+    # The pipeline arguments below have the same names and defaults in every source, on purpose.
     batch_size: int = 8,
     split: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
