@@ -1,5 +1,8 @@
 """Prediction: loading, tiling, padding, flip TTA, labels and writing mask files."""
 
+import warnings
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -51,10 +54,16 @@ def test_large_image_with_fixed_size_model(rng):
     probs = inference.predict(pixel_model(), image, overlap=0.25, batch_size=4)
     assert probs.shape == (1, 300, 200, 1)
     np.testing.assert_allclose(probs, sigmoid_reference(image), atol=1e-5)
+    # A fixed-size UNet++ tiles with its own size: the same as its None x None twin tiled at 32
+    # explicitly (test_tiled_unetpp_is_close_to_direct compares tiling with whole images).
     keras.utils.set_random_seed(0)
     unet = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4)
+    twin = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4)
+    twin.set_weights(unet.get_weights())
     out = inference.predict(unet, image)
-    assert out.shape == (1, 300, 200, 1) and np.all((out > 0) & (out < 1))
+    assert out.shape == (1, 300, 200, 1)
+    np.testing.assert_allclose(out, inference.predict(twin, image, tile_size=32, overlap=0.25), atol=1e-6)
+    assert np.abs(out - inference.predict(twin, image, tile_size=64, overlap=0.25)).max() > 1e-3  # size matters
 
 
 def test_windows_go_through_the_model_in_bounded_batches(rng, monkeypatch):
@@ -119,13 +128,19 @@ def test_predict_argument_errors(rng):
         inference.predict(unet, image, overlap=1.0)
 
 
-def test_as_single_output(tiny_ds_model):
+def test_as_single_output(tiny_ds_model, images):
     single = pixel_model()
     assert inference.as_single_output(single) is single
     with pytest.raises(ValueError, match="no deep-supervision heads"):
         inference.as_single_output(single, "fast", level=1)
     fast = inference.as_single_output(tiny_ds_model, "fast", 1)
     assert len(fast.outputs) == 1 and fast.count_params() == unetpp_tf.prune(tiny_ds_model, 1).count_params()
+    accurate = inference.as_single_output(tiny_ds_model)
+    heads = [keras.ops.convert_to_numpy(h) for h in tiny_ds_model(images, training=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # called with a tensor, without a structure warning
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(accurate(images)), np.mean(heads, axis=0), atol=1e-6)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(fast(images)), heads[0], atol=1e-6)
 
 
 def test_labels_from_probabilities():
@@ -144,15 +159,62 @@ def test_load_model_round_trip_and_errors(tmp_path, rng):
     np.testing.assert_allclose(inference.predict(str(tmp_path / "m.keras"), image), inference.predict(model, image))
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         inference.load_model(tmp_path / "missing.keras")
-    (tmp_path / "notes.keras").write_text("not a zip")
-    with pytest.raises(ValueError, match=r"notes.keras is not a readable model"):
-        inference.load_model(tmp_path / "notes.keras")
     (tmp_path / "notes.txt").write_text("hello")
     message = "notes.txt is not a model: pass a .keras file, a .tflite file or a SavedModel"
     with pytest.raises(ValueError, match=message):
         inference.load_model(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="is not a model"):
         inference.load_model(tmp_path)  # a folder without saved_model.pb
+    (tmp_path / "bad.tflite").write_bytes(rng.bytes(3000))
+    with pytest.raises(ValueError, match=r"bad.tflite is not a readable model \(.*\); check the file"):
+        inference.load_model(tmp_path / "bad.tflite")
+
+
+def _keras_file_cases(folder, rng):
+    """Broken .keras files, each with the words its error must contain."""
+    good = (folder / "good.keras").read_bytes()
+    (folder / "empty.keras").write_bytes(b"")
+    (folder / "truncated.keras").write_bytes(good[: len(good) // 2])
+    (folder / "random.keras").write_bytes(rng.bytes(5000))
+    pixel_model().save_weights(folder / "w.weights.h5")
+    (folder / "weights.keras").write_bytes((folder / "w.weights.h5").read_bytes())  # a renamed weights file
+    with zipfile.ZipFile(folder / "notes.keras", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but no model")
+    corrupt = bytearray(good)
+    with zipfile.ZipFile(folder / "good.keras") as archive:
+        info = archive.getinfo("model.weights.h5")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    corrupt[start + info.compress_size // 2] ^= 0xFF  # one flipped byte inside the stored weights
+    (folder / "corrupt.keras").write_bytes(bytes(corrupt))
+    return {
+        "empty.keras": "is empty",
+        "truncated.keras": "is not a .keras archive",
+        "random.keras": "is not a .keras archive",
+        "weights.keras": "is an HDF5 file .*load_weights",
+        "notes.keras": "is a zip archive but not a Keras model",
+        "corrupt.keras": "is corrupt .*model.weights.h5",
+    }
+
+
+def test_broken_keras_files_get_one_clear_error(tmp_path, rng, tiny_ds_model):
+    tiny_ds_model.save(tmp_path / "good.keras")
+    for name, words in _keras_file_cases(tmp_path, rng).items():
+        with pytest.raises(ValueError, match=f"{tmp_path / name} {words}") as info:
+            inference.load_model(tmp_path / name)
+        assert "\n" not in str(info.value), name
+
+
+def test_safe_mode_loads_our_models_and_refuses_code(tmp_path, images):
+    keras.utils.set_random_seed(3)
+    ours = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, deep_supervision=True, batch_norm=True,
+                                  preprocessing={"normalize": "minmax"})
+    ours.save(tmp_path / "ours.keras")
+    loaded = inference.load_model(tmp_path / "ours.keras")  # safe mode on: every custom object is registered
+    np.testing.assert_allclose(inference.predict(loaded, images), inference.predict(ours, images), atol=1e-6)
+    inputs = keras.Input((8, 8, 1))
+    keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs)).save(tmp_path / "code.keras")
+    with pytest.raises(ValueError, match=r"code.keras holds Python code .*safe_mode=False"):
+        inference.load_model(tmp_path / "code.keras")
 
 
 # ----------------------------------------------------------------------------- files

@@ -9,15 +9,15 @@ formulas on each image's own counts.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from unetpp_tf import files
 from unetpp_tf.data.pipeline import SegmentationData
-from unetpp_tf.inference import as_single_output, staged_writes
+from unetpp_tf.inference import as_single_output
 from unetpp_tf.metrics import confusion_counts, pixel_accuracy, ratios_from_counts
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "f1", "accuracy")
@@ -125,7 +125,7 @@ def write_per_image_csv(rows: list[dict], path: str | os.PathLike) -> Path:
             writer.writeheader()
             writer.writerows(rows)
 
-    return _write(path, write)
+    return files.atomic_write(_with_parent(path), write)
 
 
 def write_metrics_json(metrics: dict, path: str | os.PathLike) -> Path:
@@ -141,13 +141,14 @@ def write_metrics_json(metrics: dict, path: str | os.PathLike) -> Path:
     Example:
         >>> write_metrics_json(report["metrics"], "run/metrics.json")
     """
-    text = json.dumps(metrics, indent=2) + "\n"
-    return _write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    return files.write_json(_with_parent(path), metrics)
 
 
-def _write(path, write) -> Path:
+def _with_parent(path) -> Path:
+    """`path` with its parent folders created (a failure names them)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_writes(path.parent) as stage:
-        stage(path, write)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise files.write_error(path.parent, error) from error
     return path

@@ -11,17 +11,17 @@ image, so memory stays bounded for very large images.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from unetpp_tf import losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
+from unetpp_tf import files, losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
 from unetpp_tf.data.decode import IMAGE_EXTENSIONS, check_size, pil_image_array
 from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.preprocessing import model_preprocessing
@@ -30,23 +30,65 @@ from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
 DEFAULT_TILE = 256
 _WEIGHT_FLOOR = 1e-2  # window borders still count, so every pixel has a positive weight
 _FLIPS = ((), (1,), (2,), (1, 2))  # identity, vertical, horizontal, both (axes of [N, H, W, C])
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+class _ModelFileError(ValueError):
+    """A model file that cannot be loaded, with a message that names it and says what to do."""
+
+
+def _check_keras_archive(path: Path) -> None:
+    """Refuse, with a clear message, a `.keras` file that is empty, truncated, corrupt or not a model."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(_HDF5_SIGNATURE))
+    if not head:
+        raise _ModelFileError(f"{path} is empty (0 bytes); save or copy the model again.")
+    if head == _HDF5_SIGNATURE:
+        raise _ModelFileError(
+            f"{path} is an HDF5 file (weights from save_weights, or a legacy .h5 model), not a .keras model: "
+            "build the model and call model.load_weights on it (named *.weights.h5), or load a .keras file."
+        )
+    if not zipfile.is_zipfile(path):
+        raise _ModelFileError(
+            f"{path} is not a .keras archive (a zip written by model.save): it is truncated or not a model "
+            "file; save or copy the model again."
+        )
+    with zipfile.ZipFile(path) as archive:
+        if "config.json" not in archive.namelist():
+            raise _ModelFileError(f"{path} is a zip archive but not a Keras model (it has no config.json).")
+        try:
+            broken = archive.testzip()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            broken = f"? ({error})"
+    if broken is not None:
+        raise _ModelFileError(f"{path} is corrupt (its entry {broken} fails its checksum); save or copy it again.")
+
+
 def _load_keras(path: Path) -> keras.Model:
-    return keras.models.load_model(path, compile=False)
+    _check_keras_archive(path)
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        raise _ModelFileError(
+            f"{path} holds Python code (a Lambda layer), which safe mode refuses to load. If you trust "
+            f"the file, load it with keras.models.load_model({str(path)!r}, safe_mode=False) and pass "
+            "the model itself."
+        ) from None
 
 
 def _load_tflite(path: Path):
-    from unetpp_tf.export import TFLiteModel  # deferred: pulls in LiteRT
+    from unetpp_tf.runners import TFLiteModel  # deferred: pulls in LiteRT
 
     return TFLiteModel(path)
 
 
 def _load_saved_model(path: Path):
-    from unetpp_tf.export import SavedModelRunner  # deferred: export builds on this module's peers
+    from unetpp_tf.runners import SavedModelRunner
 
     return SavedModelRunner(path)
 
@@ -57,6 +99,10 @@ _LOADERS = {".keras": _load_keras, ".tflite": _load_tflite, "saved_model": _load
 
 def load_model(path: str | os.PathLike):
     """Load a saved model for inference (unetpp_tf losses, metrics and layers are registered).
+
+    `.keras` files load with Keras' safe mode on (no Python code from the file runs); a file
+    that is empty, truncated, corrupt, a weights file or holds a `Lambda` layer gets a
+    message naming it and what to do.
 
     Args:
         path: str or Path. A `.keras` file, a `.tflite` file or a SavedModel directory
@@ -80,12 +126,18 @@ def load_model(path: str | os.PathLike):
         )
     try:
         return loader(path)
+    except _ModelFileError:
+        raise
     except Exception as error:  # noqa: BLE001  (each format raises its own types for a bad file)
-        raise ValueError(f"{path} is not a readable model: {error}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable model ({reason}); check the file or export it again.") from error
 
 
 def as_single_output(model: keras.Model, mode: str = "accurate", level: int | None = None) -> keras.Model:
     """Return a one-output model: deep-supervision models go through `inference_model`.
+
+    This is the one place that turns any model (or path) into the single-output model that
+    prediction, evaluation, scoring during training and export run.
 
     Args:
         model: keras.Model or str. Any segmentation model (several outputs mean deep
@@ -95,7 +147,8 @@ def as_single_output(model: keras.Model, mode: str = "accurate", level: int | No
         level: int or None. Head kept in "fast" mode; None is the deepest. Defaults to None.
 
     Returns:
-        keras.Model: `model` itself when it has one output, else the inference model.
+        keras.Model: `model` itself when it has one output, else the inference model (taking
+        one image tensor, so calling it with a tensor raises no structure warning).
 
     Example:
         >>> fast = as_single_output(build_unetpp((32, 32, 1), depth=2, deep_supervision=True), "fast", 1)
@@ -105,7 +158,8 @@ def as_single_output(model: keras.Model, mode: str = "accurate", level: int | No
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}.")
     if len(model.outputs) > 1:
-        return inference_model(model, mode, level)
+        single = inference_model(model, mode, level)
+        return keras.Model(single.inputs[0], single.outputs[0], name=single.name)
     if level is not None:
         raise ValueError(
             f"level={level} selects a deep-supervision head, but model {model.name!r} has a single "
@@ -188,7 +242,12 @@ def _predict_tiled(model, image, tile, overlap, batch_size, tta, classes):
     return (canvas / norm)[top : top + height, left : left + width]
 
 
-def _tile_shape(tile_size, fixed, divisor, image_hw) -> tuple[int, int] | None:
+def _describe(model) -> str:
+    """How an error names a model: its file for an exported model, else its name."""
+    return f"{model.path}" if hasattr(model, "path") else f"model {model.name!r}"
+
+
+def _tile_shape(tile_size, fixed, divisor, image_hw, model) -> tuple[int, int] | None:
     """Window (height, width) for tiled prediction, or None to run on whole images."""
     if isinstance(tile_size, (list, tuple)) and len(tile_size) == 1:  # e.g. a CLI "--tile-size 96"
         tile_size = tile_size[0]
@@ -200,7 +259,7 @@ def _tile_shape(tile_size, fixed, divisor, image_hw) -> tuple[int, int] | None:
     for label, t, f in zip(("height", "width"), tile, fixed):
         if f is not None and t != f:
             raise ValueError(
-                f"tile_size {label} {t} differs from the model's fixed input {label} {f}; "
+                f"tile_size {label} {t} differs from the fixed input {label} {f} of {_describe(model)}; "
                 f"pass tile_size={tuple(n if n is not None else t for n, t in zip(fixed, tile))} or leave it unset."
             )
         if f is None and t % divisor:
@@ -264,10 +323,10 @@ def predict(
             f"images must have shape [N, H, W, C], got {images.shape}; for one image pass image[None]."
         )
     if channels is not None and images.shape[-1] != channels:
-        raise ValueError(f"images have {images.shape[-1]} channel(s) but model {model.name!r} expects {channels}.")
+        raise ValueError(f"images have {images.shape[-1]} channel(s) but {_describe(model)} expects {channels}.")
     divisor = size_divisor(model) if isinstance(model, keras.Model) else (model.size_divisor or 1)
     classes = model.outputs[0].shape[-1]
-    tile = _tile_shape(tile_size, fixed, divisor, images.shape[1:3])
+    tile = _tile_shape(tile_size, fixed, divisor, images.shape[1:3], model)
     out = np.empty((*images.shape[:3], classes), np.float32)
     for start in range(0, len(images), 1 if tile else batch_size):
         if tile:
@@ -306,45 +365,11 @@ def labels_from_probabilities(probs, threshold: float = 0.5) -> np.ndarray:
 # ----------------------------------------------------------------------------- files
 
 
-@contextlib.contextmanager
-def staged_writes(directory: str | os.PathLike):
-    """Write files under temporary names in `directory`; move them all into place on success.
-
-    Yields `stage(final_path, write)`, where `write(temp_path)` writes the file. If the block
-    raises, every staged file is removed and no final path is touched.
-
-    Args:
-        directory: str or Path. Folder of the final files (temporary files go there too, so
-            `os.replace` is atomic).
-
-    Example:
-        >>> with staged_writes("out") as stage:
-        ...     stage("out/a.txt", lambda tmp: Path(tmp).write_text("a"))
-    """
-    staged = []
-
-    def stage(final, write):
-        handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{Path(final).name}.", suffix=".tmp")
-        os.close(handle)
-        staged.append((temp, final))
-        write(temp)
-
-    try:
-        yield stage
-    except BaseException:
-        for temp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
-        raise
-    for temp, final in staged:
-        os.replace(temp, final)
-
-
 def _image_files(inputs) -> list[Path]:
     """Expand files and folders into image files; every problem raises before anything is read."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    files = []
+    paths = []
     for item in map(Path, inputs):
         if not item.exists():
             raise FileNotFoundError(f"input {item} does not exist; check the path.")
@@ -352,14 +377,14 @@ def _image_files(inputs) -> list[Path]:
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 raise ValueError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            files.extend(found)
+            paths.extend(found)
         elif item.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(item)
+            paths.append(item)
         else:
             raise ValueError(f"input {item} is not an image file; use one of {', '.join(IMAGE_EXTENSIONS)}.")
-    if not files:
+    if not paths:
         raise ValueError("inputs is empty; pass image files or folders.")
-    return files
+    return paths
 
 
 def _check_image(path: Path, channels: int) -> None:
@@ -433,7 +458,9 @@ def predict_files(
     or resized to the model's training size when it was trained on resized images. Masks are
     written as `<stem>.png`: 0/255 for binary models, class ids for multi-class ones. Every
     input is checked before anything is written, and the files are staged under temporary
-    names and moved into place only when all images succeeded.
+    names and moved into place only when all images succeeded (`unetpp_tf.files.staged_writes`:
+    a kill leaves each mask the old file or the new one, never a truncated one). A read-only
+    `output_dir` is refused before any image is predicted.
 
     Args:
         model: keras.Model or str. The model or a path for `load_model`.
@@ -466,21 +493,25 @@ def predict_files(
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
     image_size = prediction_size(model, image_size)
-    files = _image_files(inputs)
+    image_paths = _image_files(inputs)
     output_dir = Path(output_dir)
     names = {}
-    for path in files:
+    for path in image_paths:
         for name in [f"{path.stem}.png"] + ([f"{path.stem}_overlay.png"] if overlay else []):
             if name in names:
                 raise ValueError(f"{path} and {names[name]} would both be written as {output_dir / name}; rename one.")
             names[name] = path
         _check_image(path, channels)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise files.write_error(output_dir, error) from error
+    files.require_writable(output_dir)
     if overlay:
         from unetpp_tf.viz import overlay as draw_overlay
     written = []
-    with staged_writes(output_dir) as stage:
-        for path in files:
+    with files.staged_writes(output_dir) as stage:
+        for path in image_paths:
             image = _read_image(path, channels)
             resized = image if image_size is None else tf.image.resize(image, image_size, antialias=True).numpy()
             probs = predict(model, resized[None], **predict_kwargs)

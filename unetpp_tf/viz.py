@@ -1,13 +1,18 @@
 """Matplotlib figures: samples with mask overlays, augmentation previews, statistics.
 
 Every function builds a `matplotlib.figure.Figure` without pyplot (safe on headless
-machines and in notebooks), returns it, and saves a PNG when `path` is given.
+machines and in notebooks), returns it, and saves a PNG when `path` is given (through
+`unetpp_tf.files.atomic_write`: a kill never leaves a truncated figure).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from matplotlib.figure import Figure
+
+from unetpp_tf import files
 
 # Overlay colours for class ids 1, 2, ... (0 is background and stays transparent).
 CLASS_COLORS = np.array(
@@ -50,7 +55,8 @@ def overlay(image, mask, alpha: float = 0.45) -> np.ndarray:
 def _save(fig: Figure, path) -> Figure:
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        suffix = Path(path).suffix.lstrip(".").lower()
+        files.atomic_write(path, lambda temp: fig.savefig(temp, dpi=100, format=suffix or "png"))
     return fig
 
 
