@@ -21,6 +21,7 @@ from unetpp_tf.data.inspection import MAX_IMAGE_PIXELS
 from unetpp_tf.data.pipeline import (
     SPLITS,
     SegmentationData,
+    advance_epochs,
     finalize,
     fold_indices,
     split_indices,
@@ -36,6 +37,7 @@ __all__ = [
     "AugmentedModel",
     "SegmentationAugmenter",
     "SegmentationData",
+    "advance_epochs",
     "dataset_statistics",
     "finalize",
     "fold_indices",

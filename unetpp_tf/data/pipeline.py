@@ -322,6 +322,36 @@ def batch_splits(
     return out
 
 
+def advance_epochs(dataset: tf.data.Dataset, epochs: int) -> tf.data.Dataset:
+    """Move a split's per-epoch random streams `epochs` epochs ahead, for resuming a run.
+
+    The shuffle order, the random crops and the host augmentation seeds of a split are drawn
+    anew for each iterator over it, when it yields its first batch. This reads the first
+    advanced epoch to its end (which also completes an in-memory cache) and one batch of each
+    further one, so the next epoch is the one an uninterrupted run would see after `epochs`.
+
+    Args:
+        dataset: tf.data.Dataset. A split from a data source, e.g. `data.train`.
+        epochs: int. Epochs already done.
+
+    Returns:
+        tf.data.Dataset: `dataset` itself, its streams advanced.
+
+    Example:
+        >>> advance_epochs(data.train, initial_epoch)  # then fit(..., initial_epoch=initial_epoch)
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}.")
+    for done in range(int(epochs)):
+        iterator = iter(dataset)
+        if done == 0:
+            for _ in iterator:
+                pass
+        else:
+            next(iterator, None)
+    return dataset
+
+
 def targets_per_head(dataset: tf.data.Dataset, model_or_heads) -> tf.data.Dataset:
     """Repeat each mask once per model output, for plain `model.fit` with deep supervision.
 
