@@ -32,7 +32,9 @@ import keras
 import numpy as np
 
 import unetpp_tf
-from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model
+from unetpp_tf.export import export_model
+from unetpp_tf.inference import as_single_output
+from unetpp_tf.runners import SavedModelRunner, TFLiteModel
 
 ALL_QUANT = ("none", "float16", "dynamic", "int8")
 
@@ -50,7 +52,7 @@ def median_ms(fn, x, repeats: int, warmup: int = 2) -> float:
 
 def build(args) -> keras.Model:
     if args.run:
-        return keras.saving.load_model(Path(args.run) / "model.keras", compile=False)
+        return unetpp_tf.load_model(Path(args.run) / "model.keras")  # safe mode, clear errors
     keras.utils.set_random_seed(0)
     filters = tuple(args.filters * 2**i for i in range(5))
     return unetpp_tf.from_preset("paper", input_shape=(None, None, 1), deep_supervision=True, filters=filters)
@@ -100,8 +102,7 @@ def run_all(args, model: keras.Model, common: dict, x: np.ndarray, root: Path) -
     start = time.perf_counter()
     report = export_model(model, root / "accurate", formats=("saved_model", "tflite"), quantize=ALL_QUANT, **common)
     print(f"exported accurate model in {time.perf_counter() - start:.0f} s")
-    accurate = unetpp_tf.inference_model(model)
-    accurate = keras.Model(accurate.inputs[0], accurate.outputs[0])  # takes a tensor, not a list
+    accurate = as_single_output(model)  # the model the export runs: mean of the heads, taking a tensor
     rows.append(("accurate", "keras predict_on_batch", f"{accurate.count_params():,} params",
                  median_ms(accurate.predict_on_batch, x, args.repeats), None))
     rows.append(("accurate", "keras model(x)", f"{accurate.count_params():,} params",
@@ -120,8 +121,7 @@ def run_all(args, model: keras.Model, common: dict, x: np.ndarray, root: Path) -
         report = export_model(model, root / f"L{level}", formats="tflite", quantize=("none", "int8"),
                               mode="fast", level=level, **common)
         print(f"exported L{level} in {time.perf_counter() - start:.0f} s")
-        pruned = unetpp_tf.prune(model, level)
-        pruned = keras.Model(pruned.inputs[0], pruned.outputs[0])
+        pruned = as_single_output(model, "fast", level)
         rows.append((f"L{level}", "keras predict_on_batch", f"{pruned.count_params():,} params",
                      median_ms(pruned.predict_on_batch, x, args.repeats), None))
         for artifact in report["artifacts"]:

@@ -1,6 +1,7 @@
 """Evaluation: dataset-level (pooled) and per-image metrics, ensembles, pruning, writers."""
 
 import csv
+import errno
 import json
 
 import keras
@@ -167,3 +168,17 @@ def test_writers_round_trip(tmp_path, binary_data):
     assert float(rows[2]["dice"]) == pytest.approx(report["per_image"][2]["dice"])
     assert json.loads(json_path.read_text()) == report["metrics"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json", "per_image.csv"]
+
+
+def test_writers_replace_files_whole_or_not_at_all(tmp_path, binary_data, monkeypatch):
+    report = evaluation.evaluate(identity_model(), dataset(*binary_data))
+    path = evaluation.write_per_image_csv(report["per_image"], tmp_path / "per_image.csv")
+    before = path.read_bytes()
+
+    def full_disk(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)  # the header is written, then the disk is full
+    with pytest.raises(OSError, match=f"no space left on the device while writing {path}"):
+        evaluation.write_per_image_csv(report["per_image"][::-1], path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["per_image.csv"]

@@ -1,6 +1,7 @@
 """Figures: overlays, sample grids, augmentation previews and statistics, saved as PNG."""
 
 import numpy as np
+import pytest
 from matplotlib.figure import Figure
 
 import unetpp_tf
@@ -47,3 +48,20 @@ def test_history_and_prediction_figures(tmp_path):
     # The prediction row shows the thresholded probabilities: here equal to the truth.
     np.testing.assert_allclose(fig.axes[5].images[0].get_array(), fig.axes[8].images[0].get_array())
     assert (tmp_path / "pred.png").stat().st_size > 0
+
+
+def test_a_failed_save_keeps_the_previous_figure(tmp_path, monkeypatch):
+    history = {"loss": [1.0, 0.5]}
+    path = tmp_path / "curves.png"
+    viz.plot_history(history, path=path)
+    before = path.read_bytes()
+
+    def killed_midway(self, target, **kwargs):
+        with open(target, "wb") as handle:
+            handle.write(before[:100])  # a truncated PNG under the name it was given
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        viz.plot_history({"loss": [2.0, 0.1]}, path=path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
