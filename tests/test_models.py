@@ -28,7 +28,7 @@ def test_paper_layers_match_official_configuration(paper_ds):
     conv = paper_ds.get_layer("x_2_1_conv1")
     assert conv.kernel_size == (3, 3) and conv.use_bias
     assert isinstance(conv.kernel_initializer, keras.initializers.HeNormal)
-    assert conv.kernel_regularizer.l2 == pytest.approx(1e-4)
+    assert float(conv.kernel_regularizer.l2) == pytest.approx(1e-4)
     assert paper_ds.get_layer("x_2_1_drop1").rate == 0.5
     assert paper_ds.get_layer("x_2_1_act1").activation.__name__ == "relu"
     up = paper_ds.get_layer("x_0_4_up")

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 # [lowest, first untested) (major, minor) versions the recomputed training call was tested with.
 TESTED_KERAS = ((3, 14), (3, 16))
-TESTED_TENSORFLOW = ((2, 21), (2, 22))
+TESTED_TENSORFLOW = ((2, 20), (2, 22))
 
 
 def _major_minor(version: str) -> tuple[int, int]:
