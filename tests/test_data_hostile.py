@@ -301,3 +301,13 @@ def test_many_bad_files_listed_once_each_and_skipped_exactly(tmp_path):
     images, masks = next(iter(data.train))
     np.testing.assert_allclose(images.numpy(), np.stack([gradient(seed=i) for i in (0, 7, 8)]) / 255.0, atol=1e-6)
     np.testing.assert_array_equal(masks.numpy()[..., 0], np.stack([binary_mask(i) for i in (0, 7, 8)]))
+
+
+def test_content_in_another_format_than_its_extension_is_read_with_pil(tmp_path):
+    root = write_dataset(tmp_path)
+    (root / "masks" / "1.png").write_bytes(encoded(binary_mask(1), "BMP"))  # a BMP named .png
+    with Image.open(root / "masks" / "1.png") as opened:
+        assert (opened.format, opened.mode) == ("BMP", "L")
+    data = from_directory(root, split=ALL, shuffle=False, batch_size=8)
+    _, read = next(iter(data.train))  # tf.io.decode_png would fail on it here
+    np.testing.assert_array_equal(read.numpy()[..., 0], np.stack([binary_mask(i) for i in range(4)]))

@@ -49,6 +49,7 @@ from its header, before decoding. Below PIL's own refusal (2 * PIL.Image.MAX_IMA
 178,956,970 by default), so by default this limit is the one that applies."""
 
 _SAMPLES_PER_PIXEL = 277  # TIFF tag
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}  # PIL's format per extension
 
 
 class UnusableFile(ValueError):
@@ -129,7 +130,7 @@ def inspect_image(path, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> FileInf
         if image.mode not in GRAY_MODES and image.mode not in COLOR_MODES:
             raise UnusableFile(path, f"has the unsupported image mode {image.mode!r}; save it as gray or RGB")
         _check_opaque(path, image)
-        return FileInfo(path, image.mode, (image.height, image.width), _tf_decodes(path, image.mode, data))
+        return FileInfo(path, image.mode, (image.height, image.width), _tf_decodes(path, image, data))
 
 
 def inspect_mask(path, *, rgb: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[FileInfo, np.ndarray]:
@@ -155,7 +156,7 @@ def inspect_mask(path, *, rgb: bool = False, max_pixels: int | None = MAX_IMAGE_
         except ValueError as error:
             raise UnusableFile(path, f"mask {error}") from None
         values = np.unique(color_code(array)) if rgb else mask_values(array)
-        return FileInfo(path, mask.mode, (mask.height, mask.width), _tf_decodes(path, mask.mode, data)), values
+        return FileInfo(path, mask.mode, (mask.height, mask.width), _tf_decodes(path, mask, data)), values
 
 
 def inspect_pair(pair: tuple[Path, Path], *, rgb: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> PairInfo:
@@ -283,10 +284,15 @@ def _check_opaque(path: Path, image) -> None:
     )
 
 
-def _tf_decodes(path: Path, mode: str, data: bytes) -> bool:
-    """Whether tf.io decodes the file; a PNG or JPEG it rejects (though PIL reads it) is unusable."""
-    strict = tf_decoder_for(path.suffix.lower(), mode)
-    if strict is None:
+def _tf_decodes(path: Path, image, data: bytes) -> bool:
+    """Whether tf.io decodes the file; a PNG or JPEG it rejects (though PIL reads it) is unusable.
+
+    A file whose content is another format than its extension says (a JPEG saved as mask.png)
+    is left to PIL: the pipeline picks tf.io decoders by extension.
+    """
+    suffix = path.suffix.lower()
+    strict = tf_decoder_for(suffix, image.mode)
+    if strict is None or image.format != _FORMATS.get(suffix):
         return False
     try:
         tf.io.decode_image(data, expand_animations=False)
