@@ -1,4 +1,4 @@
-"""The `unetpp-tf` command line: output, exit codes, one-line errors."""
+"""The `unetpp-tf` command line: output, exit codes, whole error messages without tracebacks."""
 
 import json
 import subprocess
@@ -6,6 +6,7 @@ import sys
 
 import unetpp_tf
 from unetpp_tf.cli import main
+from unetpp_tf.config import TrainConfig
 
 
 def test_summary_prints_parameter_count(capsys):
@@ -13,7 +14,7 @@ def test_summary_prints_parameter_count(capsys):
     out = capsys.readouterr().out
     expected = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, deep_supervision=True).count_params()
     assert f"unetpp: {expected:,} parameters, 2 output(s)" in out
-    assert "x_1_1_concat" in out
+    assert "x_1_1_conv1 (ConcatConv2D)" in out  # the nested node over its skip parts
 
 
 def test_summary_preset_unet(capsys):
@@ -63,13 +64,56 @@ def test_evaluate_folder_writes_per_image_csv_with_file_names(tmp_path, capsys):
     assert all(row["name"].startswith("cell") and row["name"].endswith(".png") for row in rows)
 
 
-def test_import_silences_native_logs_but_keeps_python_logging():
-    code = (
-        "import unetpp_tf, tensorflow as tf, sys\n"
-        "tf.get_logger().warning('python warning after import')\n"
-        "print('python stderr line', file=sys.stderr)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "python warning after import" in result.stderr and "python stderr line" in result.stderr
-    assert "Logging error" not in result.stderr  # the handler made during import still writes
-    assert "oneDNN custom operations" not in result.stderr and "cuda drivers" not in result.stderr
+def _folder_with_two_bad_pairs(root):
+    from PIL import Image
+
+    import numpy as np
+
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    for i in range(12):
+        image, mask = (t.numpy()[..., 0] for t in unetpp_tf.data.synthetic_sample(i, image_size=(32, 32)))
+        Image.fromarray((image * 255).astype(np.uint8)).save(root / "images" / f"cell{i}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"cell{i}.png")
+    (root / "images" / "cell3.png").write_bytes(b"")  # empty
+    (root / "masks" / "cell5.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # truncated
+    return [str(root / "images" / "cell3.png"), str(root / "masks" / "cell5.png")]
+
+
+def test_whole_error_message_then_skip_invalid(tmp_path, capsys):
+    bad = _folder_with_two_bad_pairs(tmp_path / "data")
+    args = ["train", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path), "--name", "r", "--image-size",
+            "32", "--depth", "2", "--filters", "4", "--epochs", "1", "--min-steps", "0", "--quiet",
+            "--no-export-saved-model", "--no-export-tflite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == "unetpp-tf: error: 2 invalid image/mask pair(s):"
+    assert bad[0] in lines[1] and bad[1] in lines[2]  # the file list the first line announces
+    assert "skip_invalid" in lines[-1] and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+    assert main(args + ["--skip-invalid"]) == 0
+    captured = capsys.readouterr()
+    assert "test: dice" in captured.out
+    assert "unetpp-tf: skipped 2 invalid image/mask pair(s), listed in" in captured.err
+    recorded = json.loads((tmp_path / "r" / "splits.json").read_text())
+    assert sorted(path for path, _ in recorded["skipped"]) == sorted(bad)
+    assert TrainConfig.from_dict(json.loads((tmp_path / "r" / "config.json").read_text())).skip_invalid
+    # evaluate on the folder with a model from elsewhere (no run settings to inherit): the same choice
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "m.keras").write_bytes((tmp_path / "r" / "model.keras").read_bytes())
+    evaluate = ["evaluate", "--model", str(tmp_path / "elsewhere" / "m.keras"), "--data", str(tmp_path / "data"),
+                "--image-size", "32"]
+    assert main(evaluate) == 2
+    assert "2 invalid image/mask pair(s):" in capsys.readouterr().err
+    assert main(evaluate + ["--skip-invalid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] >= 1
+
+
+def test_unknown_setting_in_a_config_file_is_one_clear_line(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 2\noptimiser: adam\n")
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unetpp-tf: error: {config}: unknown setting(s) 'optimiser' (did you mean 'optimizer'?); ")
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()

@@ -1,16 +1,16 @@
-"""Training runs: config round trip, run directory, resume after a kill, NaN stop, strategies."""
+"""Training runs: config round trip, run directory, NaN stop, scoped seeds, strategies."""
 
 import csv
 import json
-import signal
+import random
 import subprocess
 import sys
 import textwrap
-import time
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import unetpp_tf
 from unetpp_tf.config import TrainConfig, load_config
@@ -40,7 +40,9 @@ def test_config_round_trip_json_and_yaml(tmp_path):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"optimiser": "adam"}, r"unknown key\(s\) \['optimiser'\]"),
+        ({"optimiser": "adam"}, r"^config: unknown setting\(s\) 'optimiser' \(did you mean 'optimizer'\?\); valid "
+                                r"settings are arch, augment, augmentation, batch_norm,"),
+        ({"zzz": 1, "epoch": 3}, r"unknown setting\(s\) 'epoch' \(did you mean 'epochs'\?\), 'zzz'; valid"),
         ({"loss": "l1"}, "loss must be one of auto, dice, bce_dice"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"strategy": "multiworker"}, "strategy must be one of"),
@@ -96,32 +98,19 @@ def test_unnamed_runs_get_fresh_directories(tmp_path):
     assert (first.name, second.name) == ("unetpp-synthetic", "unetpp-synthetic-2")
 
 
-def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
-    command = [
-        sys.executable, "-m", "unetpp_tf", "train", "--quiet", "--output-dir", str(tmp_path), "--name", "r",
-        "--num-samples", "64", "--image-size", "32", "--depth", "2", "--filters", "4", "--batch-size", "4",
-        "--epochs", "6", "--min-steps", "0", "--no-export-saved-model", "--no-export-tflite",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    history = tmp_path / "r" / "history.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if history.exists() and len(_history_epochs(tmp_path / "r")) >= 2:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = _history_epochs(tmp_path / "r")
-    assert 2 <= len(done) < 6, "the run should be killed mid-way"
-    assert (tmp_path / "r" / "backup").exists()
-    result = subprocess.run(command + ["--resume"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    epochs = _history_epochs(tmp_path / "r")
-    # Every epoch appears, the finished ones were not trained again (at most one repeated
-    # when the kill fell between logging an epoch and backing it up).
-    assert sorted(set(epochs)) == list(range(6))
-    assert len(epochs) - 6 <= 1
-    assert (tmp_path / "r" / "metrics.json").exists() and not (tmp_path / "r" / "backup").exists()
+def test_train_leaves_the_callers_random_streams_alone(tmp_path):
+    random.seed(11)
+    np.random.seed(11)
+    tf.random.set_seed(11)
+    before = (random.random(), np.random.random())
+    train(dict(TINY, output_dir=str(tmp_path), num_samples=16, epochs=1, seed=5), verbose=0)
+    after = (random.random(), np.random.random())
+    random.seed(11)
+    np.random.seed(11)
+    assert (random.random(), np.random.random()) == before
+    assert (random.random(), np.random.random()) == after  # the streams went on where they were
+    assert tf.compat.v1.random.get_seed(1)[0] == 11  # TensorFlow's global seed is the caller's again
+    tf.random.set_seed(None)
 
 
 class _Diverge(keras.callbacks.Callback):
@@ -142,28 +131,51 @@ def test_nan_loss_stops_and_keeps_last_good_model(tmp_path):
     assert _history_epochs(tmp_path / "nan")[0] == 0
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+def test_mirrored_step_on_two_logical_cpus_equals_the_one_device_step(tmp_path):
+    """One SGD step on the same global batch of 8: two replicas of 4 give the one-device weights."""
     script = textwrap.dedent(
         f"""
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import json, unetpp_tf
+        import json, keras, numpy as np, unetpp_tf
         from unetpp_tf.training import make_strategy
+
+        class Weights(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.first = [np.array(w) for w in self.model.get_weights()]
+
+            def on_train_end(self, logs=None):
+                self.last = [np.array(w) for w in self.model.get_weights()]
+
         assert make_strategy("mirrored").num_replicas_in_sync == 2
-        # 48 images: a validation split of 7, one batch that 2 replicas cannot split evenly
-        config = dict({TINY!r}, output_dir={str(tmp_path)!r}, name="m", epochs=2, strategy="mirrored",
-                      num_samples=48, dropout=0.2)  # fused BN and dropout per replica
-        run, history = unetpp_tf.train(config, verbose=0)
-        print(json.dumps(history["loss"]))
+        # 12 images: a training split of 8, one batch, one step per epoch. SGD: the step is
+        # proportional to the gradient (Adam's first step would hide a wrongly scaled one).
+        # No BatchNorm (per-replica statistics) and no augmentation (per-replica draws).
+        config = dict({TINY!r}, output_dir={str(tmp_path)!r}, epochs=1, num_samples=12, augment="none",
+                      batch_norm=False, optimizer="sgd", schedule="constant", learning_rate=0.5)
+        runs = {{}}
+        for strategy in ("mirrored", "one-device"):
+            runs[strategy] = Weights()
+            unetpp_tf.train(dict(config, name=strategy, strategy=strategy), callbacks=[runs[strategy]], verbose=0)
+        for strategy, weights in runs.items():
+            np.savez({str(tmp_path)!r} + f"/{{strategy}}-first.npz", *weights.first)
+            np.savez({str(tmp_path)!r} + f"/{{strategy}}-last.npz", *weights.last)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "do not split evenly over 2 replicas" in result.stderr
-    losses = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    assert (tmp_path / "m" / "metrics.json").exists()
+    loaded = {name: np.load(tmp_path / f"{name}.npz") for name in
+              ("mirrored-first", "mirrored-last", "one-device-first", "one-device-last")}
+    names = loaded["one-device-last"].files
+    assert len(names) > 10 and loaded["mirrored-last"].files == names
+    moved = 0.0
+    for name in names:
+        np.testing.assert_array_equal(loaded["mirrored-first"][name], loaded["one-device-first"][name])  # same start
+        np.testing.assert_allclose(loaded["mirrored-last"][name], loaded["one-device-last"][name], rtol=1e-4, atol=1e-6)
+        moved = max(moved, float(np.abs(loaded["one-device-last"][name] - loaded["one-device-first"][name]).max()))
+    assert moved > 1e-3  # the step changed the weights far more than the tolerance
+    assert (tmp_path / "mirrored" / "metrics.json").exists()
 
 
 def test_replica_batches_split_evenly_or_fail_clearly():

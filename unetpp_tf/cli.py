@@ -1,8 +1,10 @@
 """The `unetpp-tf` command line: a thin front over the library.
 
 Subcommands: train, evaluate, predict, export, summary. Each parses its flags, calls one
-library function and prints what it returns. Errors print one line on stderr and exit
-with status 2; nothing else in the package prints.
+library function and prints what it returns. A bad input prints the library's whole message
+(no traceback) on stderr and exits with status 2; nothing else in the package prints.
+TensorFlow's native start-up chatter is filtered out of stderr; its other native lines (a
+failed CHECK, an out-of-memory report) still show.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ TRAIN_HELP = {
     "batch_size": "images per step",
     "split": "TRAIN VAL TEST fractions for a random split by file",
     "group_by": "regex on image file names; files with the same match (or first group) stay in one split",
+    "skip_invalid": "drop unreadable or mismatched image/mask pairs (listed in splits.json) instead of stopping",
     "folds": "train K models on K disjoint validation folds and use their ensemble (0 = one model)",
     "normalize": "image intensities: fixed = divide by the dtype's range, dataset = training-set 1st-99.8th "
                  "percentiles to 0-1, or per image minmax | percentile (1st-99.8th) | zscore; kept in the model",
@@ -159,6 +162,8 @@ def _data_for(args, model_path: str):
     for name in ("data", "images", "masks", "seed", "batch_size", "num_samples", "task"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    if getattr(args, "skip_invalid", False):
+        values["skip_invalid"] = True
     if args.image_size:
         values["image_size"] = (args.image_size[0], args.image_size[-1])
     values.update(augment="none", folds=0)
@@ -262,6 +267,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="split seed (default: the run's)")
     parser.add_argument("--num-samples", type=int, help="synthetic data: number of images")
     parser.add_argument("--task", choices=CHOICES["task"], help="synthetic data task")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="folder data: drop unreadable or mismatched image/mask pairs instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,7 +358,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unetpp-tf: interrupted; continue a training run with the same command and --resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, OSError, FloatingPointError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"unetpp-tf: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, FloatingPointError) as error:
+        print(f"unetpp-tf: error: {error_message(error)}", file=sys.stderr)
         return 2
+
+
+def error_message(error: BaseException) -> str:
+    """The whole text of a library error (every line of it), or its type when it has none.
+
+    A one-argument error's message is its argument: a KeyError prints without quotes, and an
+    OSError that carries an errno next to its own message prints that message.
+
+    Example:
+        >>> error_message(KeyError("unknown split 'dev'"))
+        "unknown split 'dev'"
+    """
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return text.strip() or type(error).__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class TrainConfig:
     batch_size: int = 8
     split: tuple = (0.7, 0.15, 0.15)
     group_by: str | None = None
+    skip_invalid: bool = False
     folds: int = 0
     normalize: str = "dataset"
     augment: str = "device"
@@ -124,11 +126,26 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
-        """Build from a dict, rejecting unknown keys with the list of valid ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build from a dict of settings; unknown keys raise one error naming them and close matches.
+
+        Args:
+            values: dict. Setting names (the field names) and values.
+            source: str. Where the values came from, for the error (e.g. a file name).
+                Defaults to "config".
+
+        Example:
+            >>> TrainConfig.from_dict({"epochs": 3, "filters": 8}, source="train.yaml")
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known), key=str)
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(known)}.")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise ValueError(
+                f"{source}: unknown setting(s) {', '.join(hints)}; valid settings are {', '.join(sorted(known))}."
+            )
         return cls(**values)
 
 

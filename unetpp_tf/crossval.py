@@ -24,19 +24,22 @@ import time
 import keras
 import numpy as np
 
+from unetpp_tf.checkpoints import save_model
 from unetpp_tf.config import TrainConfig
 from unetpp_tf.data import fold_indices
-from unetpp_tf.evaluation import write_metrics_json
+from unetpp_tf.files import write_json
 from unetpp_tf.models.ensemble import ensemble_model
 from unetpp_tf.training import (
+    CONFIG_FILE,
     SPLITS_FILE,
     as_config,
+    check_resumable,
+    check_writable,
     finish_run,
     load_data,
     read_splits,
     resolve_run_dir,
     run_finished,
-    save_atomically,
     train,
     training_policy,
 )
@@ -99,16 +102,19 @@ def train_folds(
     if config.folds < 2:
         raise ValueError(f"train_folds needs folds >= 2, got {config.folds}.")
     run = resolve_run_dir(config, resume, overwrite)
-    if resume and run_finished(run):
-        raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
+    check_writable(run)
+    if resume:
+        if run_finished(run):
+            raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
+        check_resumable(run, config)
     started = time.time()
     data = load_data(config, splits=read_splits(run) if resume and (run / SPLITS_FILE).exists() else None)
     if not data.files:
         raise ValueError(f"--folds needs a folder dataset (files to divide into folds), not {config.data!r}.")
     parts = fold_splits(data.files, config.folds, config.seed)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    write_metrics_json({k: data.files[k] for k in ("train", "val", "test")}, run / SPLITS_FILE)
+    write_json(run / CONFIG_FILE, config.to_dict())
+    write_json(run / SPLITS_FILE, {k: data.files[k] for k in ("train", "val", "test")})
     single = dataclasses.replace(config, folds=0, output_dir=str(run), export_saved_model=False, export_tflite=False)
     histories, summary = {}, []
     for k, splits in enumerate(parts, 1):
@@ -124,10 +130,10 @@ def train_folds(
                         "test_dice": record["test"]["dice"]})
     scores = np.array([row["best_val_dice"] for row in summary])
     folds = {"folds": summary, "val_dice_mean": float(scores.mean()), "val_dice_std": float(scores.std())}
-    write_metrics_json(folds, run / FOLDS_FILE)
+    write_json(run / FOLDS_FILE, folds)
     with training_policy(config):
         models = [keras.models.load_model(run / f"fold_{k}" / "model.keras") for k in range(1, len(parts) + 1)]
-        save_atomically(ensemble_model(models), run / "model.keras")
+        save_model(ensemble_model(models), run / "model.keras")
         finish_run(config, data, run, {"cross_validation": folds, "train_seconds": round(time.time() - started, 1)},
                    None)
     return run, histories

@@ -8,7 +8,15 @@
     metrics.json      test-split metrics of the best model, parameters, timings
     figures/          curves.png, predictions.png
     export/           saved_model/ and model.tflite (float32) unless disabled
+    splits.json       folder data: the (image, mask) files of each split
+    best.json         the best validation Dice and its epoch
     backup/           only while a run is unfinished: what `resume=True` continues from
+                      (`unetpp_tf.checkpoints`)
+
+Every file is written through a temporary name (`unetpp_tf.files`), so a run killed at any
+instant resumes: `train(config, resume=True)` continues from the last finished epoch with the
+weights, optimizer, schedule position, callback counters and input stream of that epoch, and
+ends with the same weights as a run that was never interrupted (one device, same seed).
 
 Plain Keras works too: the datasets, losses and metrics are ordinary Keras objects, so
 `model.fit(data.train, validation_data=data.val)` needs nothing from this module.
@@ -17,12 +25,12 @@ Plain Keras works too: the datasets, losses and metrics are ordinary Keras objec
 from __future__ import annotations
 
 import contextlib
-import csv
 import inspect
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 import warnings
@@ -35,6 +43,14 @@ import tensorflow as tf
 from unetpp_tf import losses as losses_module
 from unetpp_tf import metrics as metrics_module
 from unetpp_tf import viz
+from unetpp_tf.checkpoints import (
+    BestModelCheckpoint,
+    HistoryFile,
+    RunBackup,
+    read_backup,
+    read_history_rows,
+    restore_variables,
+)
 from unetpp_tf.config import TrainConfig
 from unetpp_tf.data import (
     AugmentedModel,
@@ -45,7 +61,8 @@ from unetpp_tf.data import (
     synthetic,
     targets_per_head,
 )
-from unetpp_tf.evaluation import evaluate, write_metrics_json
+from unetpp_tf.evaluation import evaluate
+from unetpp_tf.files import PARTIAL_PREFIX, temporary_name, write_json
 from unetpp_tf.inference import as_single_output
 from unetpp_tf.models import build_model, from_preset
 
@@ -54,8 +71,11 @@ MONITOR = "val_dice"
 
 logger = logging.getLogger(__name__)
 
-
 SPLITS_FILE = "splits.json"
+CONFIG_FILE = "config.json"
+BACKUP_DIR = "backup"
+# Settings a resumed run may change: where the run is, and what is exported at the end.
+RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite")
 
 
 def read_splits(run) -> dict:
@@ -113,12 +133,15 @@ def load_data(config: TrainConfig, splits: dict | None = None) -> SegmentationDa
     common = dict(batch_size=config.batch_size, split=config.split, seed=config.seed, augment=host_augment)
     folder = dict(
         image_size=config.image_size, crop_size=config.crop_size, channels=config.channels,
-        num_classes=config.num_classes, group_by=config.group_by, splits=splits, **common,
+        num_classes=config.num_classes, group_by=config.group_by, splits=splits,
+        skip_invalid=config.skip_invalid, **common,
     )
     if config.images or config.masks:
         return from_directory(images=config.images, masks=config.masks, **folder)
     if config.data == "synthetic" or config.data.startswith("tfds:"):
-        for flag, value in (("--group-by", config.group_by), ("--folds", config.folds)):
+        for flag, value in (
+            ("--group-by", config.group_by), ("--folds", config.folds), ("--skip-invalid", config.skip_invalid)
+        ):
             if value:
                 raise ValueError(f"{flag} needs a folder dataset (files to group and record), not {config.data!r}.")
     if config.data == "synthetic":
@@ -353,38 +376,6 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def save_atomically(model: keras.Model, path: Path) -> None:
-    """Save `model` to a temporary `.keras` file beside `path` and rename it into place."""
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    model.save(partial)
-    os.replace(partial, path)
-
-
-class BestModelCheckpoint(keras.callbacks.Callback):
-    """Save the plain model whenever `monitor` improves; the best value survives a resume.
-
-    Args:
-        model_to_save: keras.Model. The model to write (not a training wrapper).
-        path: Path. The `.keras` file.
-        monitor: str. A log key, higher is better (e.g. "val_dice").
-        state: Path. JSON file remembering the best value across resumed runs.
-    """
-
-    def __init__(self, model_to_save: keras.Model, path: Path, monitor: str, state: Path):
-        super().__init__()
-        self.model_to_save, self.path, self.monitor, self.state = model_to_save, path, monitor, state
-        self.best = json.loads(state.read_text())["best"] if state.exists() else -math.inf
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            raise KeyError(f"monitor {self.monitor!r} not in the logs {sorted(logs or {})}.")
-        if math.isfinite(value) and value > self.best and not self.model.stop_training:
-            self.best = float(value)
-            save_atomically(self.model_to_save, self.path)
-            self.state.write_text(json.dumps({"best": self.best, "epoch": epoch + 1, "monitor": self.monitor}))
-
-
 class ValidationDice(keras.callbacks.Callback):
     """Add `val_dice` and `val_iou` of the output that evaluation, prediction and export use.
 
@@ -454,17 +445,77 @@ def resolve_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
+def check_writable(run: Path) -> None:
+    """Refuse, before anything is written, a run directory that cannot be created or written.
+
+    Raises:
+        PermissionError: the folder (or the nearest existing folder above it) is read-only.
+        FileExistsError: a file stands where a folder is needed.
+
+    Example:
+        >>> check_writable(Path("saved_models/run1"))
+    """
+    existing = run
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileExistsError(
+            f"cannot create the run directory {run}: {existing} is a file, not a folder; choose another --output-dir."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == run else f"{existing} is"
+        raise PermissionError(
+            f"cannot write the run directory {run}: {where} not writable (read-only); choose a writable --output-dir."
+        )
+
+
+def check_resumable(run: Path, config: TrainConfig) -> None:
+    """Refuse to resume `run` with settings other than the ones it recorded in config.json.
+
+    Only the settings in `RESUME_FREE` (where the run is, what it exports) may change.
+
+    Raises:
+        ValueError: naming each differing setting with its recorded and its new value.
+
+    Example:
+        >>> check_resumable(Path("saved_models/run1"), TrainConfig(name="run1", epochs=30))
+    """
+    path = run / CONFIG_FILE
+    if not path.is_file():  # killed before its first write: nothing to compare
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); pass --overwrite to start the run again.") from None
+    now = config.to_dict()
+    changed = [k for k in sorted(set(recorded) | set(now)) if k not in RESUME_FREE and recorded.get(k) != now.get(k)]
+    if changed:
+        listed = "; ".join(f"{k}: {json.dumps(recorded.get(k))} -> {json.dumps(now.get(k))}" for k in changed)
+        raise ValueError(
+            f"cannot resume {run} with other settings than it was trained with ({listed}). Resume with the "
+            "recorded settings (see its config.json), or pass --overwrite to start the run again."
+        )
+
+
 def run_finished(run: Path) -> bool:
     """Whether a run directory holds a finished run (its metrics written, no backup left)."""
-    return (run / "metrics.json").exists() and not (run / "backup").exists()
+    return (run / "metrics.json").exists() and not (run / BACKUP_DIR).exists()
 
 
 def _read_history(path: Path) -> dict:
-    """Read history.csv; an epoch logged twice (a kill between logging and backup) keeps its last row."""
-    with open(path, newline="") as handle:
-        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
-    ordered = [rows[epoch] for epoch in sorted(rows)]
-    return {key: [float(row[key]) for row in ordered] for key in (ordered[0] if ordered else {})}
+    """history.csv as {metric: [value per epoch]} (a value an epoch did not log is NaN)."""
+    rows = read_history_rows(path)
+    keys = [key for key in (rows[0] if rows else {}) if key != "epoch"]
+    return {key: [float(row[key]) if row.get(key) else math.nan for row in rows] for key in keys}
+
+
+def _remove_backup(run: Path) -> None:
+    """Delete a finished run's backup: renamed away first, so a kill leaves it whole or gone."""
+    backup = run / BACKUP_DIR
+    if backup.exists():
+        doomed = temporary_name(backup)
+        os.replace(backup, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- train
@@ -488,7 +539,8 @@ def train(
         config: TrainConfig, dict or None. The settings; None trains the defaults (the
             built-in synthetic task). Defaults to None.
         resume: bool. Continue an interrupted run from its last finished epoch, on the
-            files it recorded in `splits.json`. Defaults to False.
+            files it recorded in `splits.json`, with the settings it recorded in
+            `config.json` (other settings are refused). Defaults to False.
         overwrite: bool. Replace an existing run directory of the same name.
             Defaults to False.
         splits: dict or None. Folder data: the (image, mask) files of each split to use
@@ -499,8 +551,15 @@ def train(
     Returns:
         tuple: (run directory Path, history dict {metric: [value per epoch]}).
 
+    Random seeds are set from `config.seed` for the run; Python's and NumPy's global random
+    states are put back afterwards (`training_policy`).
+
     Raises:
         TrainingDiverged: the loss became NaN/inf; the best model so far is kept.
+        ValueError: `resume` with settings other than the run's.
+        PermissionError: the output directory is read-only (nothing is written).
+        OSError: a file could not be written (a full disk): the error names it, and the
+            last backup and best model stay intact for `resume`.
 
     Example:
         >>> run_dir, history = unetpp_tf.train({"epochs": 5, "filters": 8})
@@ -511,12 +570,15 @@ def train(
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
     run = resolve_run_dir(config, resume, overwrite)
-    if resume and run_finished(run):
-        raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
-    if splits is None and resume and (run / SPLITS_FILE).exists():
-        splits = read_splits(run)
-    data = load_data(config, splits=splits)
+    check_writable(run)
+    if resume:
+        if run_finished(run):
+            raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
+        check_resumable(run, config)
+        if splits is None and (run / SPLITS_FILE).exists():
+            splits = read_splits(run)
     with training_policy(config):
+        data = load_data(config, splits=splits)
         return run, _fit(config, data, run, resume, list(callbacks or []), verbose)
 
 
@@ -529,14 +591,35 @@ def as_config(config: TrainConfig | dict | None) -> TrainConfig:
 
 @contextlib.contextmanager
 def training_policy(config: TrainConfig):
-    """Seed everything and set the mixed-precision policy for the block; restore the policy after."""
+    """Seed the random streams and set the mixed-precision policy for the block; put both back after.
+
+    Python's and NumPy's global random states, TensorFlow's global seed and the mixed-precision
+    policy are restored on leaving, so a caller's own random streams continue as if the block
+    had not run. Keras' global seed generator (used by `keras.random` calls given no seed)
+    keeps `config.seed`: Keras offers no way to read it back.
+
+    Example:
+        >>> with training_policy(TrainConfig(seed=3)):
+        ...     model = model_from_config(config, channels=1, num_classes=1)
+    """
     previous_policy = keras.mixed_precision.global_policy()
+    python_state, numpy_state, tf_seed = random.getstate(), np.random.get_state(), _tf_global_seed()
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(MIXED_PRECISION[config.mixed_precision])
     try:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        tf.random.set_seed(tf_seed)
+
+
+def _tf_global_seed() -> int | None:
+    """TensorFlow's global seed, None when unset (asked so that nothing is drawn when it is unset)."""
+    if tf.compat.v1.random.get_seed(None) == (None, None):
+        return None
+    return tf.compat.v1.random.get_seed(1)[0]
 
 
 def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> tuple:
@@ -592,54 +675,56 @@ def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> t
 
 
 def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, extra: list, verbose) -> dict:
-    schedule = training_schedule(config, data.counts["train"])
+    strategy = make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    train_set, val_set = replica_batches(data, config.batch_size, replicas)
+    schedule = training_schedule(config, data.counts["train"] - data.counts["train"] % replicas)
     if schedule["note"]:
         logger.info(schedule["note"])
-    strategy = make_strategy(config.strategy)
-    train_set, val_set = replica_batches(data, config.batch_size, strategy.num_replicas_in_sync)
     preprocessing = preprocessing_for(config, data)
+    state = read_backup(run / BACKUP_DIR) if resume else None
     with strategy.scope():
         model = model_from_config(config, data.channels, data.num_classes, preprocessing)
-        final = model.output_names[-1]
-        scores = [metrics_module.Dice(num_classes=data.num_classes), metrics_module.IoU(num_classes=data.num_classes)]
-        trainer = model
-        if config.augment == "device":
-            trainer = AugmentedModel(model, make_augmenter(config))
-        trainer.compile(
-            optimizer=_optimizer(config, schedule["total_steps"]),
-            loss=_loss(config, data.num_classes),
-            metrics={final: scores} if len(model.outputs) > 1 else scores,
-            jit_compile=use_xla(config.xla),
-        )
-    if not resume:  # before the checkpoint reads best.json: an overwritten run starts from scratch
-        for stale in ("history.csv", "best.json", "model.keras", "metrics.json", SPLITS_FILE):
-            (run / stale).unlink(missing_ok=True)
-        shutil.rmtree(run / "backup", ignore_errors=True)  # else BackupAndRestore would resume it
+        trainer = _compiled_trainer(config, model, data.num_classes, schedule["total_steps"])
+        if state:
+            restore_variables(trainer, run / BACKUP_DIR, state)
+    _clean_run_dir(run, resume)
+    start = state["epoch"] if state else 0
     nan_guard = StopOnNaN()
+    best = state["best"] if state else -math.inf
+    checkpoint = BestModelCheckpoint(model, run / "model.keras", MONITOR, run / "best.json", best=best)
+    stateful = _stateful_callbacks(config)
     scoring = [ValidationDice(model, val_set, data.num_classes)] if len(model.outputs) > 1 else []
     callbacks = [
         *scoring,  # first: the callbacks below read the val_dice it adds
         nan_guard,
-        keras.callbacks.CSVLogger(str(run / "history.csv"), append=resume),
-        BestModelCheckpoint(model, run / "model.keras", MONITOR, run / "best.json"),
-        keras.callbacks.BackupAndRestore(str(run / "backup")),  # last: an epoch counts once all is written
+        HistoryFile(run / "history.csv", start_epoch=start),
+        checkpoint,
+        *stateful.values(),
+        RunBackup(  # after the others: an epoch counts once all they write is written
+            run / BACKUP_DIR, trainer, stateful, best=lambda: checkpoint.best,
+            skip=lambda: nan_guard.where is not None, restored=state,
+        ),
         *extra,
     ]
-    if config.early_stopping:
-        callbacks.append(keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=config.early_stopping))
-    if config.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=3, min_lr=1e-6))
     started = time.time()
     run.mkdir(parents=True, exist_ok=True)  # only now: a bad setting above leaves no directory
-    (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_json(run / CONFIG_FILE, config.to_dict())
     if data.files:
-        write_metrics_json(data.files, run / SPLITS_FILE)
-    train_set, val_set = targets_per_head(train_set, model), targets_per_head(val_set, model)
-    stretched = dict(steps_per_epoch=schedule["steps_per_epoch"]) if schedule["note"] else {}
-    trainer.fit(
-        train_set.repeat() if stretched else train_set, validation_data=val_set, epochs=config.epochs,
-        callbacks=callbacks, verbose=verbose, shuffle=False, **stretched,
-    )
+        write_json(run / SPLITS_FILE, data.files)
+        skipped = data.files.get("skipped")
+        if skipped:
+            logger.info(f"skipped {len(skipped)} invalid image/mask pair(s), listed in {run / SPLITS_FILE}")
+    steps = schedule["steps_per_epoch"]
+    # One stream of batches for the whole run; a resumed run skips the batches the finished
+    # epochs used, so the shuffles, random crops and host augmentation continue where they stopped.
+    stream = train_set.repeat().skip(start * steps)
+    stream, val_set = targets_per_head(stream, model), targets_per_head(val_set, model)
+    if start < config.epochs and not (state or {}).get("stopped"):
+        trainer.fit(
+            stream, validation_data=val_set, epochs=config.epochs, initial_epoch=start, steps_per_epoch=steps,
+            callbacks=callbacks, verbose=verbose, shuffle=False,
+        )
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
         if (run / "model.keras").exists():
@@ -652,14 +737,53 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         )
     history = _read_history(run / "history.csv")
     record = {
-        "best_val_dice": json.loads((run / "best.json").read_text())["best"],
+        "best_val_dice": checkpoint.best,
         "epochs": len(next(iter(history.values()), [])),
         "train_seconds": round(time.time() - started, 1),
         "schedule": {k: v for k, v in schedule.items() if k != "note"},
         "preprocessing": preprocessing,
     }
     finish_run(config, data, run, record, history)
+    _remove_backup(run)  # last: until metrics.json is written, a resume can finish the run
     return history
+
+
+def _compiled_trainer(config: TrainConfig, model: keras.Model, num_classes: int, total_steps: int) -> keras.Model:
+    """The model `fit` runs (wrapped for device augmentation), compiled, its optimizer built."""
+    final = model.output_names[-1]
+    scores = [metrics_module.Dice(num_classes=num_classes), metrics_module.IoU(num_classes=num_classes)]
+    trainer = AugmentedModel(model, make_augmenter(config)) if config.augment == "device" else model
+    trainer.compile(
+        optimizer=_optimizer(config, total_steps),
+        loss=_loss(config, num_classes),
+        metrics={final: scores} if len(model.outputs) > 1 else scores,
+        jit_compile=use_xla(config.xla),
+    )
+    trainer.optimizer.build(trainer.trainable_variables)  # now, so a backup can fill it before fit
+    return trainer
+
+
+def _stateful_callbacks(config: TrainConfig) -> dict:
+    """The schedule and stopping callbacks a run's settings ask for, by the name their backup state uses."""
+    stateful = {}
+    if config.schedule == "plateau":
+        stateful["plateau"] = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=3, min_lr=1e-6)
+    if config.early_stopping:
+        stateful["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=config.early_stopping)
+    return stateful
+
+
+def _clean_run_dir(run: Path, resume: bool) -> None:
+    """Remove what a new run must not read (all results, unless resuming) and files of killed writes."""
+    if not resume:
+        for stale in ("history.csv", "best.json", "model.keras", "metrics.json", SPLITS_FILE):
+            (run / stale).unlink(missing_ok=True)
+        shutil.rmtree(run / BACKUP_DIR, ignore_errors=True)
+    for leftover in [*run.glob(f"{PARTIAL_PREFIX}*"), *(run / BACKUP_DIR).glob(f"{PARTIAL_PREFIX}*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: dict, history: dict | None) -> None:
@@ -702,4 +826,4 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
         )
         fields = ("path", "size_bytes", "dice_agreement")
         record["export"] = {a["name"]: {k: a[k] for k in fields} for a in report["artifacts"]}
-    write_metrics_json(record, run / "metrics.json")
+    write_json(run / "metrics.json", record)

@@ -1,0 +1,198 @@
+"""Resuming runs: exact continuation, refused setting changes, a full disk, a read-only folder."""
+
+import ctypes
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from unetpp_tf import checkpoints
+from unetpp_tf.checkpoints import RunBackup, read_backup, read_history_rows
+from unetpp_tf.cli import error_message
+from unetpp_tf.training import run_finished, train
+
+TINY = dict(
+    num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, min_steps=0,
+    export_saved_model=False, export_tflite=False,
+)
+
+
+class _Interrupted(Exception):
+    """Stands for a kill between two epochs."""
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Raise at the end of epoch `epoch` (0-based), after the run backed it up."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Interrupted(epoch)
+
+
+class _FinalState(keras.callbacks.Callback):
+    """Keep every variable of the trained model and its optimizer when training ends."""
+
+    def on_train_end(self, logs=None):
+        self.values = [np.array(v.numpy()) for v in [*self.model.variables, *self.model.optimizer.variables]]
+
+
+def _history(run):
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in read_history_rows(run / "history.csv")]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # device augmentation and dropout (seed-generator states), cosine schedule position, early stopping
+        dict(dropout=0.1, early_stopping=3),
+        # no augmentation; the plateau schedule; epochs of 6 steps running over the 4-batch split's ends
+        dict(augment="none", schedule="plateau", min_steps=24, learning_rate=1e-2),
+    ],
+    ids=["device-augment-cosine", "plateau-stretched"],
+)
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, settings):
+    config = dict(TINY, output_dir=str(tmp_path), epochs=4, **settings)
+    whole = _FinalState()
+    train(dict(config, name="whole"), callbacks=[whole], verbose=0)
+    with pytest.raises(_Interrupted):
+        train(dict(config, name="cut"), callbacks=[_StopAfter(1)], verbose=0)
+    assert read_backup(tmp_path / "cut" / "backup")["epoch"] == 2
+    assert len(_history(tmp_path / "cut")) == 2
+    resumed = _FinalState()
+    train(dict(config, name="cut"), resume=True, callbacks=[resumed], verbose=0)
+    assert run_finished(tmp_path / "cut")
+    assert len(resumed.values) == len(whole.values) > 0
+    for expected, got in zip(whole.values, resumed.values):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    first, second = _history(tmp_path / "whole"), _history(tmp_path / "cut")
+    assert [row["epoch"] for row in second] == [row["epoch"] for row in first]
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "cut" / "best.json").read_text()) == pytest.approx(
+        json.loads((tmp_path / "whole" / "best.json").read_text()))
+
+
+def test_callback_counters_survive_a_backup(tmp_path):
+    trainer = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    trainer.compile(optimizer="adam", loss="mse")
+    trainer.optimizer.build(trainer.trainable_variables)
+    stopper = keras.callbacks.EarlyStopping("val_dice", mode="max", patience=5)
+    plateau = keras.callbacks.ReduceLROnPlateau("val_loss", patience=3)
+    for callback in (stopper, plateau):
+        callback.set_model(trainer)
+        callback.on_train_begin()
+    stopper.wait, stopper.best, stopper.best_epoch = 2, 0.75, 4
+    plateau.wait, plateau.best, plateau.cooldown_counter = 1, 0.31, 0
+    backup = RunBackup(tmp_path / "backup", trainer, {"stop": stopper, "plateau": plateau}, best=lambda: 0.75)
+    backup.set_model(trainer)
+    backup.on_epoch_end(6)
+    state = read_backup(tmp_path / "backup")
+    assert state["epoch"] == 7 and state["best"] == 0.75 and state["arrays"] == "epoch-0007.npz"
+    fresh_stopper = keras.callbacks.EarlyStopping("val_dice", mode="max", patience=5)
+    fresh_plateau = keras.callbacks.ReduceLROnPlateau("val_loss", patience=3)
+    restore = RunBackup(tmp_path / "backup", trainer, {"stop": fresh_stopper, "plateau": fresh_plateau},
+                        restored=state)
+    for callback in (fresh_stopper, fresh_plateau, restore):  # the order of the run's callback list
+        callback.set_model(trainer)
+        callback.on_train_begin()
+    assert (fresh_stopper.wait, fresh_stopper.best, fresh_stopper.best_epoch) == (2, 0.75, 4)
+    assert (fresh_plateau.wait, fresh_plateau.best) == (1, 0.31)
+    backup.on_epoch_end(7)  # the next generation replaces the previous arrays file
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["epoch-0008.npz", "state.json"]
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
+    config = dict(TINY, output_dir=str(tmp_path), name="r", epochs=3)
+    with pytest.raises(_Interrupted):
+        train(config, callbacks=[_StopAfter(0)], verbose=0)
+    recorded = (tmp_path / "r" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"cannot resume .*r with other settings .*\(epochs: 3 -> 4; filters: 4 -> 8\)"
+                                         r".*pass --overwrite"):
+        train(dict(config, epochs=4, filters=8), resume=True, verbose=0)
+    assert (tmp_path / "r" / "config.json").read_text() == recorded  # nothing rewritten
+    # Export settings may change on resume.
+    train(dict(config, export_saved_model=False), resume=True, verbose=0)
+    assert len(_history(tmp_path / "r")) == 3
+
+
+def _fail_on_second_call(write, calls):
+    """`write`, except that its second call writes part of the file and finds the disk full."""
+
+    def failing(owner, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(owner, path, *args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("writer", ["backup", "best model"])
+def test_a_full_disk_names_the_file_and_keeps_the_last_good_state(tmp_path, monkeypatch, writer):
+    calls = []
+    if writer == "backup":
+        monkeypatch.setattr(checkpoints, "_save_arrays", _fail_on_second_call(checkpoints._save_arrays, calls))
+        failed_file = "backup/epoch-0002.npz"
+    else:
+        monkeypatch.setattr(keras.Model, "save", _fail_on_second_call(keras.Model.save, calls))
+        failed_file = "model.keras"
+    config = dict(TINY, output_dir=str(tmp_path), name="full", epochs=6, augment="none", learning_rate=1e-2)
+    with pytest.raises(OSError) as failure:
+        train(config, verbose=0)
+    message = error_message(failure.value)  # what the command line prints
+    assert re.match(f"no space left on the device while writing {tmp_path}/full/{failed_file}; the previous", message)
+    run = tmp_path / "full"
+    assert not [p for p in run.rglob("*") if p.name.startswith(".partial-")]  # no temporary file left
+    state = read_backup(run / "backup")
+    best = json.loads((run / "best.json").read_text())
+    if writer == "backup":  # epoch 2's best model was written before its backup failed; it is trained again
+        assert state["epoch"] == 1 and best["epoch"] in (1, 2)
+    else:  # the first improvement was saved; the run failed saving the second one
+        assert best["epoch"] <= state["epoch"] < 6
+    model = keras.models.load_model(run / "model.keras")  # the last good model loads
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    monkeypatch.undo()
+    train(config, resume=True, verbose=0)
+    assert run_finished(run) and len(_history(run)) == 6
+
+
+def _drop_root_override():
+    """Child process set-up: without root's permission override, a read-only folder is read-only."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0):  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_output_directory_is_one_clear_line_and_nothing_written(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "unetpp_tf", "train", "--output-dir", str(locked / "runs"), "--name", "r",
+             "--num-samples", "16", "--image-size", "32", "--depth", "2", "--filters", "4", "--epochs", "1"],
+            capture_output=True, text=True, preexec_fn=_drop_root_override, timeout=300,
+        )
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"unetpp-tf: error: cannot write the run directory {locked / 'runs' / 'r'}: {locked} is not writable "
+        "(read-only); choose a writable --output-dir.\n"
+    )
