@@ -311,3 +311,14 @@ def test_content_in_another_format_than_its_extension_is_read_with_pil(tmp_path)
     data = from_directory(root, split=ALL, shuffle=False, batch_size=8)
     _, read = next(iter(data.train))  # tf.io.decode_png would fail on it here
     np.testing.assert_array_equal(read.numpy()[..., 0], np.stack([binary_mask(i) for i in range(4)]))
+
+
+def test_images_smaller_than_the_crop(tmp_path):
+    root = write_dataset(tmp_path, count=3)
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(root / "images" / "1.png")
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(root / "masks" / "1.png")
+    message = refusal(root, crop_size=(20, 20))
+    assert message.startswith("2 invalid image/mask pair(s)")  # 0.png and 2.png (16x16); 1.png is 24x24
+    assert "0.png: is 16x16, smaller than crop_size (20, 20); pass a smaller crop_size" in message
+    assert "1.png" not in message
+    assert from_directory(root, split=ALL, crop_size=(20, 20), image_size=(24, 24)).image_size == (20, 20)

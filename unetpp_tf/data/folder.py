@@ -305,7 +305,11 @@ def _crop_problems(infos: Mapping, pairs: list[Pair], options: _Options) -> dict
     for pair in pairs:
         height, width = infos[pair].image.size
         if height < options.crop_size[0] or width < options.crop_size[1]:
-            problems[pair] = (str(pair[0]), f"is {height}x{width}, smaller than crop_size {options.crop_size}")
+            reason = (
+                f"is {height}x{width}, smaller than crop_size {options.crop_size}; pass a smaller crop_size "
+                "or image_size= to resize before cropping"
+            )
+            problems[pair] = (str(pair[0]), reason)
     return problems
 
 
