@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model and write a run directory")
     train.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted (or killed) run from its last finished epoch, same settings")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)

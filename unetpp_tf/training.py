@@ -472,7 +472,8 @@ def check_writable(run: Path) -> None:
 def check_resumable(run: Path, config: TrainConfig) -> None:
     """Refuse to resume `run` with settings other than the ones it recorded in config.json.
 
-    Only the settings in `RESUME_FREE` (where the run is, what it exports) may change.
+    Only the settings in `RESUME_FREE` (where the run is, what it exports) may change; a
+    setting the file lacks (added to `TrainConfig` since) counts as its default.
 
     Raises:
         ValueError: naming each differing setting with its recorded and its new value.
@@ -487,6 +488,7 @@ def check_resumable(run: Path, config: TrainConfig) -> None:
         recorded = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); pass --overwrite to start the run again.") from None
+    recorded = {**TrainConfig().to_dict(), **recorded}  # a setting added since the run started has its default
     now = config.to_dict()
     changed = [k for k in sorted(set(recorded) | set(now)) if k not in RESUME_FREE and recorded.get(k) != now.get(k)]
     if changed:
