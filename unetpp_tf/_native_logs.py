@@ -17,8 +17,9 @@ import os
 import subprocess
 import sys
 
-# Lines dropped: absl INFO lines ("I0000 ..."), TensorFlow's start-up notices and the GPU probe
-# of a machine without one. Errors, warnings and fatal messages pass.
+# Lines dropped: absl INFO lines ("I0000 ..."), TensorFlow's start-up notices, the GPU probe of
+# a machine without one, the TFLite runtime's delegate notice. Errors, warnings and fatal
+# messages pass.
 CHATTER = "|".join(
     (
         r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
@@ -28,6 +29,7 @@ CHATTER = "|".join(
         r"^E\d{4} .* failed call to cuInit",
         r"^[EW]\d{4} .* Unable to register cu(DNN|FFT|BLAS) factory",
         r"^W\d{4} .* TF-TRT Warning: Could not find TensorRT",
+        r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.",  # the TFLite runtime, on every interpreter
     )
 )
 
