@@ -95,15 +95,14 @@ def test_callback_counters_survive_a_backup(tmp_path):
         callback.on_train_begin()
     stopper.wait, stopper.best, stopper.best_epoch = 2, 0.75, 4
     plateau.wait, plateau.best, plateau.cooldown_counter = 1, 0.31, 0
-    backup = RunBackup(tmp_path / "backup", trainer, {"stop": stopper, "plateau": plateau}, best=lambda: 0.75)
+    backup = RunBackup(tmp_path / "backup", {"stop": stopper, "plateau": plateau}, best=lambda: 0.75)
     backup.set_model(trainer)
     backup.on_epoch_end(6)
     state = read_backup(tmp_path / "backup")
     assert state["epoch"] == 7 and state["best"] == 0.75 and state["arrays"] == "epoch-0007.npz"
     fresh_stopper = keras.callbacks.EarlyStopping("val_dice", mode="max", patience=5)
     fresh_plateau = keras.callbacks.ReduceLROnPlateau("val_loss", patience=3)
-    restore = RunBackup(tmp_path / "backup", trainer, {"stop": fresh_stopper, "plateau": fresh_plateau},
-                        restored=state)
+    restore = RunBackup(tmp_path / "backup", {"stop": fresh_stopper, "plateau": fresh_plateau}, restored=state)
     for callback in (fresh_stopper, fresh_plateau, restore):  # the order of the run's callback list
         callback.set_model(trainer)
         callback.on_train_begin()

@@ -15,7 +15,7 @@ exact state of the last finished epoch. Public Keras APIs only (`Model.variables
 `Optimizer.variables`, `Variable.assign`).
 
 Example:
-    >>> backup = RunBackup("run/backup", trainer, callbacks={"early_stopping": stopper})
+    >>> backup = RunBackup("run/backup", callbacks={"early_stopping": stopper})
     >>> state = read_backup("run/backup")   # None before the first epoch finished
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from unetpp_tf.files import PARTIAL_PREFIX, atomic_write, write_json, write_text
+from unetpp_tf.files import atomic_write, write_json, write_text
 
 STATE_FILE = "state.json"
 
@@ -128,10 +128,11 @@ class RunBackup(keras.callbacks.Callback):
     Place it after the callbacks whose state it saves, so an epoch counts once their updates
     (and the history and best model) are written.
 
+    The variables saved are those of the model `fit` runs (a wrapper such as `AugmentedModel`
+    included) and of its optimizer.
+
     Args:
         directory: str or Path. The backup folder (created on the first save).
-        trainer: keras.Model. The compiled model `fit` runs (a wrapper such as `AugmentedModel`
-            included), its optimizer built.
         callbacks: dict. {name: callback} whose counters (`CALLBACK_STATE`) are saved.
         best: callable or None. Returns the best score so far, recorded with each epoch.
         skip: callable or None. Returns True when an epoch must not be backed up (a diverged run).
@@ -139,12 +140,12 @@ class RunBackup(keras.callbacks.Callback):
             at the start of training. Defaults to None.
 
     Example:
-        >>> backup = RunBackup(run / "backup", trainer, {"plateau": plateau}, best=lambda: checkpoint.best)
+        >>> backup = RunBackup(run / "backup", {"plateau": plateau}, best=lambda: checkpoint.best)
     """
 
-    def __init__(self, directory, trainer, callbacks=None, best=None, skip=None, restored=None):
+    def __init__(self, directory, callbacks=None, best=None, skip=None, restored=None):
         super().__init__()
-        self.directory, self.trainer = Path(directory), trainer
+        self.directory = Path(directory)
         self.stateful = dict(callbacks or {})
         self.best, self.skip, self.restored = best, skip, restored
 
@@ -159,7 +160,7 @@ class RunBackup(keras.callbacks.Callback):
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         arrays = f"epoch-{epoch + 1:04d}.npz"
-        atomic_write(self.directory / arrays, lambda temp: _save_arrays(self.trainer, temp))
+        atomic_write(self.directory / arrays, lambda temp: _save_arrays(self.model, temp))
         state = {
             "epoch": epoch + 1,
             "arrays": arrays,
@@ -169,7 +170,7 @@ class RunBackup(keras.callbacks.Callback):
         }
         write_json(self.directory / STATE_FILE, state)
         for old in self.directory.glob("epoch-*.npz"):  # older generations: no longer named by the state
-            if old.name != arrays and not old.name.startswith(PARTIAL_PREFIX):
+            if old.name != arrays:
                 old.unlink(missing_ok=True)
 
 

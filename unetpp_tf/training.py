@@ -704,7 +704,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         checkpoint,
         *stateful.values(),
         RunBackup(  # after the others: an epoch counts once all they write is written
-            run / BACKUP_DIR, trainer, stateful, best=lambda: checkpoint.best,
+            run / BACKUP_DIR, stateful, best=lambda: checkpoint.best,
             skip=lambda: nan_guard.where is not None, restored=state,
         ),
         *extra,
