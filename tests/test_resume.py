@@ -199,3 +199,20 @@ def test_read_only_output_directory_is_one_clear_line_and_nothing_written(tmp_pa
         f"unetpp-tf: error: cannot write the run directory {locked / 'runs' / 'r'}: {locked} is not writable "
         "(read-only); choose a writable --output-dir.\n"
     )
+
+
+def test_output_dir_that_is_a_file_and_damaged_backups_are_clear_errors(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(FileExistsError, match=r"cannot create the run directory .*taken/r: .*taken is a file, not a "
+                                              r"folder; choose another --output-dir"):
+        train(dict(TINY, output_dir=str(tmp_path / "taken"), name="r"), verbose=0)
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "state.json").write_text('{"epoch": 3, "arrays": "epoch-0003.npz"}')
+    with pytest.raises(ValueError, match=r"backup/epoch-0003.npz named by .*state.json is missing; start the run "
+                                         r"again with --overwrite"):
+        read_backup(backup)
+    (backup / "state.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"state.json is not a training backup .*; start the run again with "
+                                         r"--overwrite"):
+        read_backup(backup)
