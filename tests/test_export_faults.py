@@ -1,7 +1,8 @@
 """Faults while export and predict_files write: SIGKILL at many instants, a full disk, read-only folders.
 
 The kill tests run the real work in child processes and SIGKILL them at delays spread over the
-part of a full run that changes the output folder (from its first change on disk to the end).
+part of a full run that changes the output folder: a delay counts from the child's first change
+on disk (seen by polling the folder), as a fraction of that span in a full run.
 One server process imports unetpp_tf once and forks a child per kill, so a handful of kills
 costs seconds instead of a TensorFlow import each.
 """
@@ -22,10 +23,10 @@ from PIL import Image
 
 import unetpp_tf
 from unetpp_tf import files, inference
-from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model, exporter
+from unetpp_tf.export import TFLiteModel, export_model, exporter
 
 KILL_FRACTIONS = (0.05, 0.3, 0.55, 0.8, 0.97)  # of the part of a full run that changes the folder
-NEW_EXPORT = {"export_report.json", "model_float32.tflite", "saved_model"}
+NEW_EXPORT = {"export_report.json", "model_float32.tflite"}
 
 SERVER = textwrap.dedent('''
     """Run each trial in a forked child and SIGKILL it after its delay (a fraction of a full run)."""
@@ -39,7 +40,8 @@ SERVER = textwrap.dedent('''
 
     def export(out):
         model = unetpp_tf.load_model(spec["model"])
-        unetpp_tf.export.export_model(model, out, image_size=(32, 32), samples=[np.load(spec["samples"])])
+        unetpp_tf.export.export_model(model, out, formats="tflite", image_size=(32, 32),
+                                      samples=[np.load(spec["samples"])])
 
     def predict(out):
         unetpp_tf.predict_files(spec["model"], [spec["images"]], out)
@@ -60,7 +62,7 @@ SERVER = textwrap.dedent('''
         return sorted((str(p), p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
 
     work = {"export": export, "predict": predict, "between_renames": between_renames}
-    results, writing = [], {}  # writing: work -> (seconds from start to its first change on disk, to its end)
+    results, writing = [], {}  # writing: work -> seconds from its first change on disk to its end
     for trial in spec["trials"]:
         parent = Path(trial["out"]).parent
         before = listing(parent)
@@ -73,20 +75,20 @@ SERVER = textwrap.dedent('''
                 traceback.print_exc()
                 os._exit(1)
             os._exit(0)
-        if trial["fraction"] is None:  # a full run: note when it starts changing the folder
-            changed = None
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if changed is None and listing(parent) != before:
-                    changed = time.perf_counter() - start
-                time.sleep(0.005)
-            end = time.perf_counter() - start
-            writing[trial["work"]] = (changed if changed is not None else end, end)
-        else:  # kill at this fraction of the part of a full run that changes the folder
-            first, end = writing[trial["work"]]
-            time.sleep(first + trial["fraction"] * (end - first))
+        changed, status = None, None
+        while changed is None:  # wait for the child's first change on disk (or its end)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if listing(parent) != before:
+                changed = time.perf_counter()
+            time.sleep(0.002)
+        if trial["fraction"] is None:  # a full run: how long it changes the folder
+            if changed is not None:
+                _, status = os.waitpid(pid, 0)
+            writing[trial["work"]] = time.perf_counter() - (changed or start)
+        elif changed is not None:  # kill at this fraction of that span after the first change
+            time.sleep(trial["fraction"] * writing[trial["work"]])
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
         results.append({**trial, "killed": os.WIFSIGNALED(status), "exit_code": os.WEXITSTATUS(status),
@@ -103,9 +105,9 @@ def _tree(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _model(seed):
+def _model(seed, classes=1):
     keras.utils.set_random_seed(seed)
-    return unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4)
+    return unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, num_classes=classes)
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +117,18 @@ def probe():
 
 @pytest.fixture(scope="module")
 def old_and_new(tmp_path_factory, probe):
-    """An old export (model A) and masks (model A) on disk, model B saved for the children."""
+    """An old export and masks of model A (2 classes) on disk, model B (1 class) saved for the children.
+
+    With other classes, an old report beside a new file (or the reverse) cannot pass for either."""
     root = tmp_path_factory.mktemp("faults")
-    old_model, new_model = _model(1), _model(2)
+    old_model, new_model = _model(1, classes=2), _model(2)
     new_model.save(root / "new.keras")
     samples = unetpp_tf.data.synthetic(4, image_size=(32, 32), batch_size=4).train.take(1)
     samples = np.concatenate([x for x, _ in samples.as_numpy_iterator()])
-    export_model(old_model, root / "old_export", image_size=(32, 32), samples=[samples])
+    export_model(old_model, root / "old_export", formats="tflite", image_size=(32, 32), samples=[samples])
     images = root / "images"
     images.mkdir()
-    for k, image in enumerate(np.random.default_rng(3).random((6, 40, 36))):
+    for k, image in enumerate(np.random.default_rng(3).random((12, 128, 120))):  # writing lasts a while
         Image.fromarray((image * 255).astype(np.uint8)).save(images / f"img{k}.png")
     inference.predict_files(old_model, [images], root / "old_masks")
     inference.predict_files(new_model, [images], root / "new_masks")
@@ -169,10 +173,11 @@ def _export_state(out, old_tree, new_model, probe):
         return "old"
     assert set(_visible(out)) == NEW_EXPORT, f"a mix of old and new entries: {_visible(out)}"
     report = json.loads((out / "export_report.json").read_text())
-    assert {a["name"] for a in report["artifacts"]} == {"saved_model", "model_float32"}
-    expected = new_model.predict(probe, verbose=0)
-    np.testing.assert_allclose(SavedModelRunner(out / "saved_model")(probe), expected, atol=1e-5)
-    np.testing.assert_allclose(TFLiteModel(out / "model_float32.tflite")(probe), expected, atol=1e-4)
+    (artifact,) = report["artifacts"]
+    assert report["num_classes"] == 1 and artifact["size_bytes"] == (out / "model_float32.tflite").stat().st_size
+    lite = TFLiteModel(out / "model_float32.tflite")
+    assert lite.metadata["num_classes"] == 1
+    np.testing.assert_allclose(lite(probe), new_model.predict(probe, verbose=0), atol=1e-4)
     return "new"
 
 
@@ -187,8 +192,7 @@ def test_export_killed_at_any_instant_leaves_the_old_or_the_new_export(kills, ol
         assert state != "none", f"killed after {result['seconds']:.2f}s: the export folder vanished"
         states.append(state)
         if state == "old":  # what is there loads
-            SavedModelRunner(out / "saved_model")
-            TFLiteModel(out / "model_float32.tflite")
+            assert TFLiteModel(out / "model_float32.tflite").num_classes == 2
     full_run = kills["results"][0]
     assert states[0] == "new" and not full_run["killed"] and full_run["exit_code"] == 0
     assert "old" in states  # the early kills landed before the swap
@@ -240,11 +244,11 @@ def test_full_disk_during_export_is_one_clear_error_and_the_old_export_stays(old
 
     monkeypatch.setattr(exporter, "write_tflite", full_disk)
     with pytest.raises(OSError, match=f"no space left on the device while writing {out}") as info:
-        export_model(old_and_new["new"], out, image_size=(32, 32), samples=[probe])
+        export_model(old_and_new["new"], out, formats="tflite", image_size=(32, 32), samples=[probe])
     assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value) and "intact" in str(info.value)
     assert _tree(out) == before and sorted(os.listdir(tmp_path)) == parent_before
-    np.testing.assert_allclose(SavedModelRunner(out / "saved_model")(probe),
-                               old_and_new["old"].predict(probe, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(TFLiteModel(out / "model_float32.tflite")(probe),
+                               old_and_new["old"].predict(probe, verbose=0), atol=1e-4)
 
 
 def test_full_disk_during_predict_files_keeps_the_old_masks(old_and_new, tmp_path, monkeypatch):
@@ -294,7 +298,7 @@ def test_read_only_output_folder_is_refused_before_any_work(read_only, old_and_n
     monkeypatch.setattr(exporter, "collect_images", lambda *args: pytest.fail("export started working"))
     message = f"cannot write {read_only}: permission denied .*choose a writable folder"
     with pytest.raises(PermissionError, match=message) as info:
-        export_model(old_and_new["new"], read_only, image_size=(32, 32), samples=[probe])
+        export_model(old_and_new["new"], read_only, formats="tflite", image_size=(32, 32), samples=[probe])
     assert "\n" not in str(info.value)
     monkeypatch.setattr(inference, "predict", lambda *args, **kwargs: pytest.fail("predict_files started working"))
     with pytest.raises(PermissionError, match=message):
