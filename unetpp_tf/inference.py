@@ -36,7 +36,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # ----------------------------------------------------------------------------- loading
 
 
-class _ModelFileError(ValueError):
+class ModelFileError(ValueError):
     """A model file that cannot be loaded, with a message that names it and says what to do."""
 
 
@@ -45,26 +45,26 @@ def _check_keras_archive(path: Path) -> None:
     with open(path, "rb") as handle:
         head = handle.read(len(_HDF5_SIGNATURE))
     if not head:
-        raise _ModelFileError(f"{path} is empty (0 bytes); save or copy the model again.")
+        raise ModelFileError(f"{path} is empty (0 bytes); save or copy the model again.")
     if head == _HDF5_SIGNATURE:
-        raise _ModelFileError(
+        raise ModelFileError(
             f"{path} is an HDF5 file (weights from save_weights, or a legacy .h5 model), not a .keras model: "
             "build the model and call model.load_weights on it (named *.weights.h5), or load a .keras file."
         )
     if not zipfile.is_zipfile(path):
-        raise _ModelFileError(
+        raise ModelFileError(
             f"{path} is not a .keras archive (a zip written by model.save): it is truncated or not a model "
             "file; save or copy the model again."
         )
     with zipfile.ZipFile(path) as archive:
         if "config.json" not in archive.namelist():
-            raise _ModelFileError(f"{path} is a zip archive but not a Keras model (it has no config.json).")
+            raise ModelFileError(f"{path} is a zip archive but not a Keras model (it has no config.json).")
         try:
             broken = archive.testzip()
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
             broken = f"? ({error})"
     if broken is not None:
-        raise _ModelFileError(f"{path} is corrupt (its entry {broken} fails its checksum); save or copy it again.")
+        raise ModelFileError(f"{path} is corrupt (its entry {broken} fails its checksum); save or copy it again.")
 
 
 def _load_keras(path: Path) -> keras.Model:
@@ -74,7 +74,7 @@ def _load_keras(path: Path) -> keras.Model:
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise
-        raise _ModelFileError(
+        raise ModelFileError(
             f"{path} holds Python code (a Lambda layer), which safe mode refuses to load. If you trust "
             f"the file, load it with keras.models.load_model({str(path)!r}, safe_mode=False) and pass "
             "the model itself."
@@ -126,7 +126,7 @@ def load_model(path: str | os.PathLike):
         )
     try:
         return loader(path)
-    except _ModelFileError:
+    except ModelFileError:
         raise
     except Exception as error:  # noqa: BLE001  (each format raises its own types for a bad file)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -31,7 +31,7 @@ from unetpp_tf.export.parity import (
     thresholds_with,
     timed,
 )
-from unetpp_tf.export.report import REPORT_NAME, artifact_entry, format_report
+from unetpp_tf.export.report import REPORT_NAME, artifact_entry, export_report, format_report
 from unetpp_tf.inference import as_single_output, load_model
 from unetpp_tf.models.pruning import INFERENCE_MODES, supervision_heads
 from unetpp_tf.models.preprocessing import model_preprocessing
@@ -182,15 +182,7 @@ def export_model(
                 check(name, f"{name}.tflite", "tflite", quant, _tflite_runner(allow_flex, num_threads))
             shutil.rmtree(source)
 
-        report = {
-            "artifacts": artifacts,
-            "image_size": list(size) if size is not None else None,
-            "mode": mode,
-            "level": level,
-            "num_classes": int(single.output_shape[-1]),
-            "parity_images": len(parity),
-            "keras_latency_ms": round(keras_ms, 3) if keras_ms is not None else None,
-        }
+        report = export_report(artifacts, size, mode, level, int(single.output_shape[-1]), len(parity), keras_ms)
         failed = failures(artifacts)
         if failed:
             raise ValueError(failure_message(failed, format_report(report), output_dir))

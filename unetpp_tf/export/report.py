@@ -51,6 +51,25 @@ def artifact_entry(name: str, path: Path, staged: Path, fmt: str, quantize: str,
     }
 
 
+def export_report(artifacts: list, image_size, mode: str, level, num_classes: int, parity_images: int,
+                  keras_ms: float | None) -> dict:
+    """The report `export_model` returns and writes as `export_report.json`.
+
+    Example:
+        >>> export_report([entry], (32, 32), "accurate", None, 1, 16, 2.5)["image_size"]
+        [32, 32]
+    """
+    return {
+        "artifacts": artifacts,
+        "image_size": list(image_size) if image_size is not None else None,
+        "mode": mode,
+        "level": level,
+        "num_classes": num_classes,
+        "parity_images": parity_images,
+        "keras_latency_ms": round(keras_ms, 3) if keras_ms is not None else None,
+    }
+
+
 def format_report(report: dict) -> str:
     """Render an export report as a fixed-width text table.
 
