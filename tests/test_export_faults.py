@@ -304,3 +304,22 @@ def test_read_only_output_folder_is_refused_before_any_work(read_only, old_and_n
     with pytest.raises(PermissionError, match=message):
         inference.predict_files(old_and_new["new"], [old_and_new["images"]], read_only)
     assert sorted(os.listdir(read_only.parent)) == parent_before and _visible(read_only) == ["kept.txt"]
+
+
+@pytest.mark.parametrize("working_folder", [False, True])
+def test_staged_directory_keeps_other_entries_and_replaces_its_own(tmp_path, monkeypatch, working_folder):
+    folder = tmp_path / "export"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes" / "a.txt").write_text("keep me")
+    (folder / "model.tflite").write_text("old")
+    if working_folder:  # renaming the working folder would move the process: entries are replaced one by one
+        monkeypatch.chdir(folder)
+        with pytest.warns(UserWarning, match="replaced one by one"):
+            with files.staged_directory(folder) as staging:
+                (staging / "model.tflite").write_text("new")
+    else:
+        with files.staged_directory(folder) as staging:
+            (staging / "model.tflite").write_text("new")
+        assert not staging.exists()
+    assert _tree(folder) == {"model.tflite": b"new", "notes/a.txt": b"keep me"}
+    assert sorted(os.listdir(tmp_path)) == ["export"] and not [p for p in os.listdir(folder) if p.startswith(".")]

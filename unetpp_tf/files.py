@@ -239,7 +239,8 @@ def _swappable(directory: Path) -> bool:
         return True
     resolved, cwd = directory.resolve(), Path.cwd().resolve()
     in_use = cwd == resolved or resolved in cwd.parents  # renaming it would move the working folder
-    return not (in_use or os.path.ismount(directory) or not os.access(directory.parent, os.W_OK | os.X_OK))
+    linked = directory.is_symlink()  # renaming would replace the link, not the folder it points to
+    return not (in_use or linked or os.path.ismount(directory) or not os.access(directory.parent, os.W_OK | os.X_OK))
 
 
 def _replace_entries(staging: Path, directory: Path) -> None:
@@ -278,8 +279,8 @@ def staged_directory(directory: str | os.PathLike):
     read-only `directory` (checked first: the swap could otherwise replace it) raises
     `write_error`'s message naming `directory`.
 
-    The working folder (or one holding it), a mount point, or a folder whose parent is
-    read-only cannot be renamed: there the staging folder goes inside `directory` and its
+    The working folder (or one holding it), a symbolic link, a mount point, or a folder whose
+    parent is read-only cannot be renamed: there the staging folder goes inside `directory` and its
     entries replace the old ones one by one (a kill during those renames can leave old and
     new entries side by side), with one warning.
 
@@ -303,7 +304,7 @@ def staged_directory(directory: str | os.PathLike):
         swap = _swappable(directory)
         if not swap:
             warnings.warn(
-                f"{directory} is the working folder, a mount point or in a read-only folder: its "
+                f"{directory} is the working folder, a link, a mount point or in a read-only folder: its "
                 "entries are replaced one by one instead of swapping the whole folder.",
                 stacklevel=3,
             )
