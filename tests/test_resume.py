@@ -113,11 +113,11 @@ def test_callback_counters_survive_a_backup(tmp_path):
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
-    config = dict(TINY, output_dir=str(tmp_path), name="r", epochs=3)
+    config = dict(TINY, output_dir=str(tmp_path), name="r", epochs=2)
     with pytest.raises(_Interrupted):
         train(config, callbacks=[_StopAfter(0)], verbose=0)
     recorded = (tmp_path / "r" / "config.json").read_text()
-    with pytest.raises(ValueError, match=r"cannot resume .*r with other settings .*\(epochs: 3 -> 4; filters: 4 -> 8\)"
+    with pytest.raises(ValueError, match=r"cannot resume .*r with other settings .*\(epochs: 2 -> 4; filters: 4 -> 8\)"
                                          r".*pass --overwrite"):
         train(dict(config, epochs=4, filters=8), resume=True, verbose=0)
     assert (tmp_path / "r" / "config.json").read_text() == recorded  # nothing rewritten
@@ -126,7 +126,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
     del older["skip_invalid"]
     (tmp_path / "r" / "config.json").write_text(json.dumps(older))
     train(dict(config, export_saved_model=False), resume=True, verbose=0)
-    assert len(_history(tmp_path / "r")) == 3
+    assert len(_history(tmp_path / "r")) == 2
 
 
 def _fail_on_second_call(write, calls):
@@ -152,7 +152,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_good_state(tmp_path, monk
     else:
         monkeypatch.setattr(keras.Model, "save", _fail_on_second_call(keras.Model.save, calls))
         failed_file = "model.keras"
-    config = dict(TINY, output_dir=str(tmp_path), name="full", epochs=6, augment="none", learning_rate=1e-2)
+    config = dict(TINY, output_dir=str(tmp_path), name="full", epochs=4, augment="none", learning_rate=1e-2)
     with pytest.raises(OSError) as failure:
         train(config, verbose=0)
     message = error_message(failure.value)  # what the command line prints
@@ -164,12 +164,12 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_good_state(tmp_path, monk
     if writer == "backup":  # epoch 2's best model was written before its backup failed; it is trained again
         assert state["epoch"] == 1 and best["epoch"] in (1, 2)
     else:  # the first improvement was saved; the run failed saving the second one
-        assert best["epoch"] <= state["epoch"] < 6
+        assert best["epoch"] <= state["epoch"] < 4
     model = keras.models.load_model(run / "model.keras")  # the last good model loads
     assert all(np.isfinite(w).all() for w in model.get_weights())
     monkeypatch.undo()
     train(config, resume=True, verbose=0)
-    assert run_finished(run) and len(_history(run)) == 6
+    assert run_finished(run) and len(_history(run)) == 4
 
 
 def _drop_root_override():
