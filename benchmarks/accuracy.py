@@ -16,13 +16,14 @@ row adds flags or changes the data; each (row, seed) is one `unetpp-tf train` pr
     32-tiles      32 training tiles (22 after the split: where --min-steps stretches the epochs)
     16-bit        16-bit TIFF from a 12-bit camera (dim once divided by 65535)
     augment-none  --augment none
-    no-ds         --no-deep-supervision
+    deep-supervision  --deep-supervision (off by default; what pruning needs)
     unet          --arch unet (the baseline UNet++ must match or beat)
     lr-1e-3       --learning-rate 1e-3
     batch-8       --batch-size 8
     epochs-100    --epochs 100
     multiclass    unetpp-tf train --task multiclass --epochs 10 on the built-in synthetic set;
                   mean and per-class test Dice from the run's metrics.json
+    multiclass-ds, multiclass-unet   the same with --deep-supervision, with --arch unet
 
 It prints Dice mean +- std over seeds, the worst seed and the mean training time per row, the
 spread of the binary rows, UNet++ against U-Net, the issue's targets with PASS/FAIL, and a
@@ -77,12 +78,14 @@ ROWS = {
         Row("32-tiles", tiles=32),
         Row("16-bit", bits=16),
         Row("augment-none", ("--augment", "none")),
-        Row("no-ds", ("--no-deep-supervision",)),
+        Row("deep-supervision", ("--deep-supervision",)),
         Row("unet", ("--arch", "unet")),
         Row("lr-1e-3", ("--learning-rate", "1e-3")),
         Row("batch-8", ("--batch-size", "8")),
         Row("epochs-100", ("--epochs", "100")),
         Row("multiclass", multiclass=True),
+        Row("multiclass-ds", ("--deep-supervision",), multiclass=True),
+        Row("multiclass-unet", ("--arch", "unet"), multiclass=True),
     )
 }
 
@@ -214,7 +217,7 @@ def describe(result: dict) -> str:
     """What the row changes, in words for the tables."""
     row = result["row"]
     if row["multiclass"]:
-        return "built-in synthetic, " + " ".join(MULTICLASS)
+        return "built-in synthetic, " + " ".join([*MULTICLASS, *row["flags"]])
     data = [f"{row['tiles']} tiles", "16-bit TIFF" if row["bits"] == 16 else "8-bit PNG"]
     return ", ".join(data + [" ".join(row["flags"])] if row["flags"] else data)
 
@@ -254,6 +257,9 @@ def target_checks(results: dict) -> list:
                        multi["mean"] >= TARGETS["multiclass"]))
         checks.append((f"no foreground class below {TARGETS['foreground_class']}", f"lowest {min(foreground):.3f}",
                        min(foreground) >= TARGETS["foreground_class"]))
+    if multi and results.get("multiclass-unet", {}).get("mean") is not None:
+        unet = results["multiclass-unet"]["mean"]
+        checks.append(("UNet++ (multiclass) >= U-Net", f"{multi['mean']:.3f} vs {unet:.3f}", multi["mean"] >= unet))
     return checks
 
 

@@ -68,7 +68,7 @@ def test_bad_config_files(tmp_path):
 
 
 def test_train_writes_a_complete_run(tmp_path):
-    run, history = train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=2), verbose=0)
+    run, history = train(dict(TINY, output_dir=str(tmp_path), name="run", epochs=2, deep_supervision=True), verbose=0)
     assert run == tmp_path / "run"
     for name in ("config.json", "model.keras", "history.csv", "metrics.json",
                  "figures/curves.png", "figures/predictions.png"):

@@ -48,7 +48,7 @@ TRAIN_HELP = {
     "preset": "start from a named model configuration ('paper')",
     "depth": "number of poolings",
     "filters": "base width (doubled per level) or DEPTH+1 widths",
-    "deep_supervision": "one head and one loss per decoder column (UNet++ only)",
+    "deep_supervision": "one head and one loss per decoder column (UNet++ only; needed to prune; off by default)",
     "batch_norm": "BatchNormalization after each convolution",
     "bn_momentum": "decay of BatchNorm's moving statistics (Keras default 0.99 lags in short runs)",
     "dropout": "dropout rate after each convolution",
