@@ -11,7 +11,7 @@ from PIL import Image
 import unetpp_tf
 from unetpp_tf import inference
 from unetpp_tf.data import SegmentationAugmenter
-from unetpp_tf.data.decode import pil_image_array
+from unetpp_tf.data.readers import pil_image_array
 from unetpp_tf.data.synthetic import synthetic_sample
 from unetpp_tf.export import export_model
 from unetpp_tf.models import InputPreprocessing, model_preprocessing, with_recompute

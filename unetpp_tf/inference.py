@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from unetpp_tf import files, losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
-from unetpp_tf.data.decode import IMAGE_EXTENSIONS, check_size, pil_image_array
+from unetpp_tf.data.checks import check_size
+from unetpp_tf.data.readers import IMAGE_EXTENSIONS, pil_image_array
 from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.preprocessing import model_preprocessing
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
