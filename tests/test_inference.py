@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import unetpp_tf
+from test_data_hostile import png_header_only  # the 60000 x 60000 header-only PNG
 from unetpp_tf import inference
 
 
@@ -313,3 +314,16 @@ def test_predict_files_rejects_colliding_names(tmp_path, inputs):
     half_image(8, 8).save(tmp_path / "a.bmp")
     with pytest.raises(ValueError, match="would both be written"):
         inference.predict_files(rgb_threshold_model(1), [folder, tmp_path / "a.bmp"], tmp_path / "out")
+
+
+def test_predict_files_refuses_a_damaged_or_bomb_image_before_writing(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "damaged.png").write_bytes((tmp_path / "good.png").read_bytes()[:-30])
+    (tmp_path / "bomb.png").write_bytes(png_header_only(60000, 60000))
+    for name, reason in (("damaged.png", "truncated or damaged"), ("bomb.png", "refused before decoding")):
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(ValueError, match=f"{name}: .*{reason}"):
+            inference.predict_files(rgb_threshold_model(1), [tmp_path / "good.png", tmp_path / name], out)
+        assert not out.exists()

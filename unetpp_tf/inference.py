@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from unetpp_tf import files, losses as _losses, metrics as _metrics  # noqa: F401  (registers custom objects)
 from unetpp_tf.data.checks import check_size
+from unetpp_tf.data.inspection import inspect_image
 from unetpp_tf.data.readers import IMAGE_EXTENSIONS, pil_image_array
 from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.preprocessing import model_preprocessing
@@ -389,14 +390,10 @@ def _image_files(inputs) -> list[Path]:
 
 
 def _check_image(path: Path, channels: int) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            found = 1 if image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;") else 3
-    except Exception as error:  # noqa: BLE001
-        raise ValueError(f"cannot read image {path} ({error}); replace or remove it.") from error
+    """Refuse an unusable input image (damaged, a decompression bomb, transparent) or channel count."""
+    mode = inspect_image(path).mode  # raises UnusableFile (a ValueError) naming the file and what to do
     if channels not in (1, 3):
+        found = 1 if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;") else 3
         raise ValueError(
             f"image {path} has {found} channel(s) but the model expects {channels}; image files are "
             f"read as 1 (gray) or 3 (RGB) channels, so pass arrays [N, H, W, {channels}] to predict()."
