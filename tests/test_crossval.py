@@ -75,7 +75,8 @@ def test_group_by_matching_nothing_is_one_clear_line(tmp_path, capsys):
 
 def test_folds_train_disjoint_models_and_serve_their_ensemble(tmp_path, capsys):
     data_dir = _write_folder(tmp_path / "data", _names(8, 3))
-    config = dict(TINY, data=str(data_dir), output_dir=str(tmp_path), name="cv", folds=3, group_by=r"^(slide\d+)_")
+    config = dict(TINY, data=str(data_dir), output_dir=str(tmp_path), name="cv", folds=3, group_by=r"^(slide\d+)_",
+                  deep_supervision=True)
     run, histories = train(config, verbose=0)
     assert sorted(histories) == ["fold_1", "fold_2", "fold_3"]
     top = json.loads((run / "splits.json").read_text())
