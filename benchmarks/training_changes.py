@@ -3,7 +3,8 @@
 For the paper-width UNet++ at 96x96 batch 16 (float32, XLA off), in the three variants of
 `model_throughput.py` (paper: no BatchNorm, dropout 0.5; no-bn; bn), this trains builds with
 identical weights and data, alternating their steps so machine load hits all alike, and
-prints images/s and the ratios:
+prints images/s (median step) and the speed ratios (median over rounds of the step-time ratio
+within a round):
 
 - keras:     Keras' BatchNormalization and Dropout, and each decoder node's Concatenate
              layer feeding a Conv2D (the plain functional graph; the starting point);
@@ -14,8 +15,8 @@ prints images/s and the ratios:
              `benchmarks/recompute_memory.py` measures its memory).
 
 Usage:
-    python benchmarks/training_changes.py              # ~5 min on 2 cores
-    python benchmarks/training_changes.py --variant bn --rounds 15
+    python benchmarks/training_changes.py              # ~8 min on 2 cores
+    python benchmarks/training_changes.py --variant bn --rounds 30
     python benchmarks/training_changes.py --recompute  # and the recomputed training call
 """
 
@@ -59,23 +60,37 @@ def build(kind: str, batch_norm: bool, dropout: float, size: int) -> keras.Model
 
 
 def alternate(models: dict, images, masks, rounds: int) -> dict:
-    """Images/s of each model: median of `rounds` training steps taken in turn after two warm-up steps."""
+    """Seconds per training step of each model, one list entry per round, after two warm-up steps.
+
+    Each round steps every model once, starting with the next model each round, so no build
+    always follows the same one.
+    """
     for model in models.values():
         for _ in range(2):  # trace and warm up
             model.train_on_batch(images, masks)
     times = {kind: [] for kind in models}
-    for _ in range(rounds):
-        for kind, model in models.items():
+    kinds = list(models)
+    for r in range(rounds):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
             start = time.perf_counter()
-            model.train_on_batch(images, masks)
+            models[kind].train_on_batch(images, masks)
             times[kind].append(time.perf_counter() - start)
-    return {kind: len(images) / float(np.median(t)) for kind, t in times.items()}
+    return times
+
+
+def paired_ratio(times: dict, kind: str, reference: str) -> float:
+    """Speed of `kind` over `reference`: the median over rounds of their step-time ratio.
+
+    Steps of one round run back to back, so the ratio cancels the slow swings of machine load
+    that a ratio of two medians keeps.
+    """
+    return float(np.median(np.array(times[reference]) / np.array(times[kind])))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=(*VARIANTS, "all"), default="all")
-    parser.add_argument("--rounds", type=int, default=9, help="timed steps per build")
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per build")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--recompute", action="store_true", help="also time recompute=True")
@@ -86,17 +101,18 @@ def main() -> None:
     masks = (images > 0.5).astype(np.int32)
     variants = list(VARIANTS) if args.variant == "all" else [args.variant]
     print(f"paper-width UNet++, {args.size}x{args.size} batch {args.batch}, float32, XLA off; "
-          f"median of {args.rounds} alternating steps\n")
+          f"median of {args.rounds} rounds of alternating steps\n")
     ratios = [f"{kind}/keras" for kind in builds[1:]] + ["default/fused"]
     print(f"{'variant':>7} " + " ".join(f"{kind + ' img/s':>15}" for kind in builds)
           + " " + " ".join(f"{r:>16}" for r in ratios))
     for variant in variants:
         batch_norm, dropout = VARIANTS[variant]
         models = {kind: build(kind, batch_norm, dropout, args.size) for kind in builds}
-        speed = alternate(models, images, masks, args.rounds)
-        values = [speed[kind] / speed["keras"] for kind in builds[1:]] + [speed["default"] / speed["fused"]]
+        times = alternate(models, images, masks, args.rounds)
+        speed = {kind: args.batch / float(np.median(t)) for kind, t in times.items()}
+        values = [paired_ratio(times, kind, "keras") for kind in builds[1:]] + [paired_ratio(times, "default", "fused")]
         print(f"{variant:>7} " + " ".join(f"{speed[kind]:>15.2f}" for kind in builds)
-              + " " + " ".join(f"{v:>15.2f}x" for v in values))
+              + " " + " ".join(f"{v:>15.3f}x" for v in values))
         del models
 
 

@@ -187,6 +187,8 @@ def test_concat_conv_regularizer_and_mixed_bfloat16(rng):
 def test_concat_conv_rejects_a_single_tensor_and_changed_parts():
     with pytest.raises(ValueError, match="ConcatConv2D takes a list of tensors"):
         ConcatConv2D(4, 3)(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(ValueError, match="must agree in every dimension but the channels"):
+        ConcatConv2D(4, 3)([np.zeros((1, 8, 8, 3), "float32"), np.zeros((1, 8, 4, 3), "float32")])
     layer = ConcatConv2D(4, 3, name="merge")
     layer([np.zeros((1, 8, 8, 2), "float32"), np.zeros((1, 8, 8, 3), "float32")])
     with pytest.raises(ValueError, match=r"'merge' was built for parts with \[2, 3\] channels, got \[3, 2\]"):

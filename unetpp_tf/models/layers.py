@@ -206,6 +206,11 @@ class ConcatConv2D(keras.layers.Conv2D):
         channels = [shape[axis] for shape in shapes]
         if any(c is None for c in channels):
             raise ValueError(f"layer {self.name!r}: every part needs a known channel count, got shapes {shapes}.")
+        others = {shape[:axis % len(shape)] + shape[axis % len(shape) + 1:] for shape in shapes}
+        if len(others) > 1:
+            raise ValueError(
+                f"layer {self.name!r}: the parts must agree in every dimension but the channels, got shapes {shapes}."
+            )
         merged = list(shapes[0])
         merged[axis] = sum(channels)
         return tuple(merged)
@@ -233,7 +238,7 @@ class ConcatConv2D(keras.layers.Conv2D):
             )
         if not training:
             return super().call(keras.ops.concatenate(parts, axis=self._channel_axis()))
-        kernel = self.kernel
+        kernel = keras.ops.cast(self.kernel, self.compute_dtype)  # one read of the variable for all slices
         outputs, start = None, 0
         for part, count in zip(parts, channels):
             term = keras.ops.conv(
