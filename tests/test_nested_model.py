@@ -184,6 +184,7 @@ def test_installed_versions_are_in_the_tested_range():
     [(keras, "3.16.0", "Keras 3.16.0 is outside the tested range >=3.14,<3.16"),
      (keras, "3.13.2", "Keras 3.13.2 is outside the tested range >=3.14,<3.16"),
      (tf, "2.22.0", "TensorFlow 2.22.0 is outside the tested range >=2.20,<2.22")],
+    ids=["keras-3.16", "keras-3.13", "tensorflow-2.22"],
 )
 def test_untested_versions_fall_back_to_the_plain_model_with_one_warning(module, version, reason, images, monkeypatch):
     if module is keras:
