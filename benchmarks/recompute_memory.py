@@ -2,13 +2,13 @@
 
 For the paper-width UNet++ (filters 32..512, 9.04M parameters) at 256x256 batch 4, with
 BatchNorm (dropout 0, the library default) and without (dropout 0.5, the paper), and
-optionally at 96x96 batch 16, this prints one table for three builds of the same model:
-the plain Keras functional graph, the default `NestedModel` (no materialised
-concatenations) and `recompute=True`. For each: the peak resident memory of a process that
-only trains that model (`ru_maxrss`), the floor (the peak before the first training step:
-TensorFlow, the model, its weights and the Adam slots) and the part above it (activations
-and the backward pass), the ratios of the peaks and the training images/s. Each
-configuration runs in its own process so its peak memory is its own.
+optionally at 96x96 batch 16, this prints one table for three builds of the same model: the
+concatenated graph (a Concatenate layer before each node's first Conv2D), the default
+(`ConcatConv2D`: no materialised concatenations) and `recompute=True`. For each: the peak
+resident memory of a process that only trains that model (`ru_maxrss`), the floor (the peak
+before the first training step: TensorFlow, the model, its weights and the Adam slots) and
+the part above it (activations and the backward pass), the ratios of the peaks and the
+training images/s. Each configuration runs in its own process so its peak memory is its own.
 
 Usage:
     python benchmarks/recompute_memory.py               # 256x256 batch 4, BN on and off (~6 min)
@@ -41,13 +41,21 @@ def measure(spec: dict) -> dict:
 
     keras.utils.set_random_seed(0)
     size, batch, filters = spec["size"], spec["batch"], spec["filters"]
-    model = unetpp_tf.from_preset(
-        "paper", input_shape=(size, size, 1), filters=tuple(filters * 2**i for i in range(5)),
-        batch_norm=spec["batch_norm"], dropout=0.0 if spec["batch_norm"] else 0.5,
-        recompute=spec["build"] == "recompute",
-    )
-    if spec["build"] == "functional":
-        model = keras.Model(model._inputs_struct, model._outputs_struct, name=model.name)
+    from training_changes import concat_then_conv2d  # benchmarks/training_changes.py
+
+    from unetpp_tf.models import blocks
+
+    original = blocks.ConcatConv2D
+    if spec["build"] == "functional":  # conv_block looks the name up when it runs
+        blocks.ConcatConv2D = concat_then_conv2d
+    try:
+        model = unetpp_tf.from_preset(
+            "paper", input_shape=(size, size, 1), filters=tuple(filters * 2**i for i in range(5)),
+            batch_norm=spec["batch_norm"], dropout=0.0 if spec["batch_norm"] else 0.5,
+            recompute=spec["build"] == "recompute",
+        )
+    finally:
+        blocks.ConcatConv2D = original
     model.compile(keras.optimizers.Adam(1e-4), loss=unetpp_tf.losses.BCEDiceLoss(), jit_compile=False)
     model.optimizer.build(model.trainable_variables)  # the Adam slots belong to the floor
     rng = np.random.default_rng(0)
@@ -86,7 +94,7 @@ def main() -> None:
     print(f"UNet++ paper preset, filters {tuple(filters * 2**i for i in range(5))}, Adam, BCE+Dice, XLA off")
     print("peak = ru_maxrss of a process training only that model; floor = peak before the first step")
     print("(TensorFlow, model, weights, Adam slots); above floor = peak - floor; changes are recompute's.")
-    print("builds: functional = plain Keras graph, default = NestedModel, recompute = recompute=True\n")
+    print("builds: functional = concatenated graph, default = ConcatConv2D, recompute = recompute=True\n")
     header = (f"{'input, batch':>13} {'BN':>3} {'drop':>4} | {'floor':>5} | {'functional':>10} {'default':>7} "
               f"{'recompute':>9} | {'vs default':>10} {'vs funct.':>9} | {'above floor: default':>20} "
               f"{'recompute':>9} {'change':>6} | {'img/s default':>13} {'recompute':>9} {'speed':>5}")

@@ -139,7 +139,7 @@ def test_nested_and_recomputed_training_prune_and_save(tmp_path, rng):
     model = unetpp_tf.build_unetpp((32, 32, 1), **TINY, deep_supervision=True, preprocessing={"normalize": "zscore"})
     images = (rng.random((4, 32, 32, 1)) * 0.05).astype(np.float32)
     masks = (images > 0.025).astype(np.float32)
-    for trainer in (model, with_recompute(model)):  # NestedModel and RecomputedModel, shared weights
+    for trainer in (model, with_recompute(model)):  # the default model and RecomputedModel, shared weights
         trainer.compile("adam", loss=[unetpp_tf.losses.BCEDiceLoss()] * 2)
         loss = trainer.train_on_batch(images, (masks, masks))
         assert np.all(np.isfinite(loss))
