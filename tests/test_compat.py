@@ -12,9 +12,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import unetpp_tf
+from test_nested_model import _gradients  # loss, gradients and moving statistics of one training call
 from unetpp_tf.models import ConcatConv2D, NestedModel, RecomputedModel, blocks, size_divisor
 
 VARIANTS = {"bn": dict(batch_norm=True, dropout=0.0), "paper": dict(batch_norm=False, dropout=0.5),
@@ -98,17 +98,6 @@ def _tiny(monkeypatch=None, **options):
 
 def _seed_states(model):
     return {layer.name: layer.seed_generator.state for layer in model.layers if isinstance(layer, keras.layers.Dropout)}
-
-
-def _gradients(model, images):
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = sum(tf.reduce_sum(tf.square(out - 0.3)) for out in model(x, training=True))
-        return loss, tape.gradient(loss, model.trainable_variables)
-
-    loss, grads = step(images)
-    return float(loss), [g.numpy() for g in grads], [v.numpy() for v in model.non_trainable_variables]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

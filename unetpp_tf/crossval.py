@@ -33,12 +33,10 @@ from unetpp_tf.training import (
     CONFIG_FILE,
     SPLITS_FILE,
     as_config,
-    check_resumable,
-    check_writable,
     finish_run,
     load_data,
+    prepare_run_dir,
     read_splits,
-    resolve_run_dir,
     run_finished,
     train,
     training_policy,
@@ -101,12 +99,7 @@ def train_folds(
     config = as_config(config)
     if config.folds < 2:
         raise ValueError(f"train_folds needs folds >= 2, got {config.folds}.")
-    run = resolve_run_dir(config, resume, overwrite)
-    check_writable(run)
-    if resume:
-        if run_finished(run):
-            raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
-        check_resumable(run, config)
+    run = prepare_run_dir(config, resume, overwrite)
     started = time.time()
     data = load_data(config, splits=read_splits(run) if resume and (run / SPLITS_FILE).exists() else None)
     if not data.files:

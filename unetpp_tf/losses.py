@@ -321,6 +321,8 @@ def focal_loss(y_true, y_pred, gamma=2.0, alpha=0.25, from_logits=False):
 # --------------------------------------------------------------------------------------
 # Loss classes
 # --------------------------------------------------------------------------------------
+# Each public class spells out its function's arguments in its own signature, on purpose (so
+# `help()`, IDEs and `get_config` show them); the bodies are one `super().__init__` call.
 
 
 class _FunctionLoss(keras.losses.Loss):

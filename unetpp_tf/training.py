@@ -504,6 +504,21 @@ def run_finished(run: Path) -> bool:
     return (run / "metrics.json").exists() and not (run / BACKUP_DIR).exists()
 
 
+def prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """The run directory to train into, checked: writable, and for a resume unfinished and same settings.
+
+    Example:
+        >>> run = prepare_run_dir(config, resume=True, overwrite=False)
+    """
+    run = resolve_run_dir(config, resume, overwrite)
+    check_writable(run)
+    if resume:
+        if run_finished(run):
+            raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
+        check_resumable(run, config)
+    return run
+
+
 def _read_history(path: Path) -> dict:
     """history.csv as {metric: [value per epoch]} (a value an epoch did not log is NaN)."""
     rows = read_history_rows(path)
@@ -571,14 +586,9 @@ def train(
         from unetpp_tf.crossval import train_folds  # deferred: crossval builds on this module
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
-    run = resolve_run_dir(config, resume, overwrite)
-    check_writable(run)
-    if resume:
-        if run_finished(run):
-            raise ValueError(f"run {run} already finished; there is nothing to resume. Start a new run instead.")
-        check_resumable(run, config)
-        if splits is None and (run / SPLITS_FILE).exists():
-            splits = read_splits(run)
+    run = prepare_run_dir(config, resume, overwrite)
+    if resume and splits is None and (run / SPLITS_FILE).exists():
+        splits = read_splits(run)
     with training_policy(config):
         data = load_data(config, splits=splits)
         return run, _fit(config, data, run, resume, list(callbacks or []), verbose)

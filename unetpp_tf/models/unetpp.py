@@ -170,6 +170,7 @@ def build_unetpp(
     filters=32,
     deep_supervision: bool = False,
     *,
+    # The node options below have the same names and defaults as blocks.conv_block's, on purpose.
     batch_norm: bool = True,
     bn_momentum: float = 0.9,
     dropout: float = 0.0,
