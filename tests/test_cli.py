@@ -117,3 +117,17 @@ def test_unknown_setting_in_a_config_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"unetpp-tf: error: {config}: unknown setting(s) 'optimiser' (did you mean 'optimizer'?); ")
     assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_resume_takes_the_runs_recorded_settings(tmp_path, capsys):
+    flags = ["--output-dir", str(tmp_path), "--name", "r", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
+    settings = ["--num-samples", "16", "--image-size", "32", "--depth", "2", "--filters", "4", "--epochs", "2",
+                "--batch-size", "4", "--min-steps", "0"]
+    assert main(["train", *settings, *flags]) == 0
+    (tmp_path / "r" / "metrics.json").unlink()  # as if killed before the end
+    assert main(["train", "--resume", *flags]) == 0  # no need to repeat the settings
+    assert "test: dice" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["filters"] == 4
+    (tmp_path / "r" / "metrics.json").unlink()
+    assert main(["train", "--resume", "--epochs", "3", *flags]) == 2
+    assert "(epochs: 2 -> 3)" in capsys.readouterr().err

@@ -104,6 +104,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args) -> TrainConfig:
+    """The run's settings: a --config file, overridden by the flags given.
+
+    With --resume the run's own config.json is the base, so `unetpp-tf train --name NAME
+    --resume` continues with the settings the run started with (flags that differ from
+    them are still refused by the resume check, naming them).
+    """
     values = load_config(args.config) if args.config else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     for name in ("image_size", "crop_size"):
@@ -113,7 +119,19 @@ def _config_from_args(args) -> TrainConfig:
     if "filters" in given:
         widths = given["filters"]
         given["filters"] = widths[0] if len(widths) == 1 else tuple(widths)
-    return TrainConfig.from_dict({**values, **given}, source=str(args.config or "flags"))
+    settings = {**values, **given}
+    recorded = _recorded_config(settings) if getattr(args, "resume", False) else None
+    if recorded is not None:
+        return TrainConfig.from_dict({**load_config(recorded), **settings}, source=str(recorded))
+    return TrainConfig.from_dict(settings, source=str(args.config or "flags"))
+
+
+def _recorded_config(settings: dict) -> Path | None:
+    """config.json of the named run these settings point at, if it exists."""
+    if not settings.get("name"):
+        return None
+    path = Path(settings.get("output_dir") or TrainConfig.output_dir) / settings["name"] / "config.json"
+    return path if path.is_file() else None
 
 
 def _train(args) -> int:
