@@ -216,3 +216,15 @@ def test_output_dir_that_is_a_file_and_damaged_backups_are_clear_errors(tmp_path
     with pytest.raises(ValueError, match=r"state.json is not a training backup .*; start the run again with "
                                          r"--overwrite"):
         read_backup(backup)
+
+
+def test_resume_removes_temporary_files_of_killed_writes_everywhere_in_the_run(tmp_path):
+    from unetpp_tf.training import _clean_run_dir
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / ".partial-0a1b2c3d-predictions.png").write_bytes(b"half a figure")
+    (tmp_path / ".partial-4e5f6a7b-backup").mkdir()
+    (tmp_path / ".partial-4e5f6a7b-backup" / "epoch-0001.npz").write_bytes(b"half a backup")
+    (tmp_path / "figures" / "curves.png").write_bytes(b"a finished figure")
+    _clean_run_dir(tmp_path, resume=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["figures", "figures/curves.png"]

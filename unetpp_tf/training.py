@@ -791,8 +791,10 @@ def _clean_run_dir(run: Path, resume: bool) -> None:
         for stale in ("history.csv", "best.json", "model.keras", "metrics.json", SPLITS_FILE):
             (run / stale).unlink(missing_ok=True)
         shutil.rmtree(run / BACKUP_DIR, ignore_errors=True)
-    for leftover in [*run.glob(f"{PARTIAL_PREFIX}*"), *(run / BACKUP_DIR).glob(f"{PARTIAL_PREFIX}*")]:
-        if leftover.is_dir():
+    for leftover in sorted(run.rglob(f"{PARTIAL_PREFIX}*"), key=lambda path: len(path.parts)):  # figures/ too
+        if not leftover.exists():  # inside a leftover folder removed above
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
