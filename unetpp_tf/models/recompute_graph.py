@@ -4,9 +4,13 @@ Opt-in and version-guarded: `unetpp_tf.models.recompute` imports this module onl
 training call of a `RecomputedModel` under a Keras and TensorFlow version it was tested with
 (`recompute.TESTED_KERAS`, `recompute.TESTED_TENSORFLOW`). It walks the functional graph
 through Keras' own node structures (`_nodes_by_depth`, `Node.arguments`, as
-`Functional.call` does) and keeps the forward pass off the gradient tape with
-`tensorflow.python.eager.record`: none of that is public API, which is why nothing on the
-default path imports it.
+`Functional.call` does): that is not public API, which is why nothing on the default path
+imports it. TensorFlow itself is used through public APIs only (`tf.custom_gradient`).
+
+Keras trains in a `tf.function`, where the gradient reaches a segment only through its
+custom gradient, so the forward's internals are not kept for the backward pass. Under
+`run_eagerly=True` the outer tape also records the forward's operations and holds their
+tensors until the step ends: the results are the same, the memory saving is not.
 
 Each node X(i, j) is one segment, from its inputs (the skips X(i, 0..j-1) and the smaller
 X(i+1, j-1) before upsampling) to its output, and only node outputs are kept for the
@@ -28,7 +32,6 @@ from contextlib import nullcontext
 
 import keras
 import tensorflow as tf
-from tensorflow.python.eager import record
 
 _NODE = re.compile(r"^x_(\d+)_(\d+)_")
 
@@ -190,8 +193,7 @@ def _checkpointed(segment: _Segment, seeds: dict, relay: list):
 
     @tf.custom_gradient
     def run(*inputs):
-        with record.stop_recording():
-            outputs = forward(*inputs) + [tf.identity(inputs[k]) for k in relay]
+        outputs = forward(*inputs) + [tf.identity(inputs[k]) for k in relay]
 
         def grad(*upstream, variables=None):
             # The recomputation waits for the gradient arriving at the segment, so only one
