@@ -327,3 +327,17 @@ def test_predict_files_refuses_a_damaged_or_bomb_image_before_writing(tmp_path):
         with pytest.raises(ValueError, match=f"{name}: .*{reason}"):
             inference.predict_files(rgb_threshold_model(1), [tmp_path / "good.png", tmp_path / name], out)
         assert not out.exists()
+
+
+def test_predict_files_reads_a_png_that_only_pil_decodes(tmp_path):
+    # Prediction reads with PIL, so the tf.io check of the training pipeline does not apply.
+    from PIL import Image
+
+    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:-1])  # no IEND checksum
+    out = tmp_path / "out"
+    inference.predict_files(rgb_threshold_model(1), [tmp_path / "full.png"], out / "a")
+    inference.predict_files(rgb_threshold_model(1), [tmp_path / "cut.png"], out / "b")
+    assert (out / "b" / "cut.png").read_bytes() and np.array_equal(
+        np.asarray(Image.open(out / "a" / "full.png")), np.asarray(Image.open(out / "b" / "cut.png"))
+    )

@@ -391,7 +391,8 @@ def _image_files(inputs) -> list[Path]:
 
 def _check_image(path: Path, channels: int) -> None:
     """Refuse an unusable input image (damaged, a decompression bomb, transparent) or channel count."""
-    mode = inspect_image(path).mode  # raises UnusableFile (a ValueError) naming the file and what to do
+    # raises UnusableFile (a ValueError) naming the file and what to do; prediction reads with PIL only
+    mode = inspect_image(path, tf_check=False).mode
     if channels not in (1, 3):
         found = 1 if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;") else 3
         raise ValueError(

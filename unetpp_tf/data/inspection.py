@@ -110,13 +110,15 @@ class PairInfo:
     problem: tuple[str, str] | None = None
 
 
-def inspect_image(path, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> FileInfo:
+def inspect_image(path, *, max_pixels: int | None = MAX_IMAGE_PIXELS, tf_check: bool = True) -> FileInfo:
     """Open and fully decode one image file, raising `UnusableFile` when it cannot be used.
 
     Args:
         path: str or Path. The image file.
         max_pixels: int or None. Largest height * width accepted; None leaves only PIL's own
             limit. Defaults to `MAX_IMAGE_PIXELS`.
+        tf_check: bool. Also decode PNG/JPEG with tf.io, as the tf.data pipeline may (False for
+            readers that only use PIL, such as prediction). Defaults to True.
 
     Returns:
         FileInfo: mode, size and whether tf.io decodes it.
@@ -130,7 +132,8 @@ def inspect_image(path, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> FileInf
         if image.mode not in GRAY_MODES and image.mode not in COLOR_MODES:
             raise UnusableFile(path, f"has the unsupported image mode {image.mode!r}; save it as gray or RGB")
         _check_opaque(path, image)
-        return FileInfo(path, image.mode, (image.height, image.width), _tf_decodes(path, image, data))
+        tf_decodes = _tf_decodes(path, image, data) if tf_check else False
+        return FileInfo(path, image.mode, (image.height, image.width), tf_decodes)
 
 
 def inspect_mask(path, *, rgb: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[FileInfo, np.ndarray]:
