@@ -1,7 +1,8 @@
-"""UNet++ and U-Net builders, presets, in-model preprocessing, inference-time pruning, recomputed training."""
+"""UNet++ and U-Net builders, pretrained encoders, presets, in-model preprocessing, inference-time pruning, recomputed training."""
 
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
+from unetpp_tf.models.encoders import ENCODERS, EncoderPreprocessing, encoder_features, encoder_layers, encoder_spec
 from unetpp_tf.models.ensemble import ensemble_model
 from unetpp_tf.models.layers import ConcatConv2D
 from unetpp_tf.models.preprocessing import NORMALIZE_MODES, RESIZE_POLICIES, InputPreprocessing, model_preprocessing
@@ -13,6 +14,8 @@ from unetpp_tf.models.unetpp import build_unet, build_unetpp
 __all__ = [
     "ARCHITECTURES",
     "ConcatConv2D",
+    "ENCODERS",
+    "EncoderPreprocessing",
     "INFERENCE_MODES",
     "NORMALIZE_MODES",
     "PRESETS",
@@ -25,6 +28,9 @@ __all__ = [
     "build_unetpp",
     "conv_block",
     "count_flops",
+    "encoder_features",
+    "encoder_layers",
+    "encoder_spec",
     "ensemble_model",
     "from_preset",
     "inference_model",

@@ -15,11 +15,13 @@ a Conv2D over the concatenation), so training never materialises it.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 
 import keras
 
 from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
+from unetpp_tf.models.encoders import encoder_features
 from unetpp_tf.models.preprocessing import preprocessing_layer
 from unetpp_tf.models.recompute import with_recompute
 
@@ -54,7 +56,23 @@ def _nearest_valid(size: int, multiple: int) -> str:
     return f"{lower} or {upper}" if lower else f"{upper}"
 
 
-def _check_input_shape(input_shape, depth: int) -> tuple:
+def _check_encoder_options(depth: int, recompute: bool, encoder_weights) -> None:
+    if depth > 4:
+        raise ValueError(
+            f"depth {depth} is too deep for an encoder: its feature maps stop at stride 32, which is depth 4 "
+            "(levels at strides 2..32); use depth <= 4."
+        )
+    if recompute:
+        raise ValueError(
+            "recompute=True is for the built-in encoder; with a pretrained encoder train without it "
+            "(or with a smaller batch, or --freeze-encoder-epochs to keep the encoder's activations out of "
+            "the backward pass)."
+        )
+    if encoder_weights not in (None, "imagenet") and not isinstance(encoder_weights, (str, bytes, os.PathLike)):
+        raise ValueError(f"encoder_weights must be 'imagenet', None or a file path, got {encoder_weights!r}.")
+
+
+def _check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
     if len(input_shape) != 3:
         raise ValueError(
             f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}; "
@@ -70,8 +88,9 @@ def _check_input_shape(input_shape, depth: int) -> tuple:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"input {label} must be a positive integer or None, got {size!r}.")
         if size % multiple:
+            model = f"depth {depth}" if encoder is None else f"encoder {encoder if isinstance(encoder, str) else encoder.name!r}, {multiple}x"
             raise ValueError(
-                f"input {label} {size} is not divisible by {multiple} (depth {depth}); "
+                f"input {label} {size} is not divisible by {multiple} ({model} downsampling); "
                 f"resize or pad to {_nearest_valid(size, multiple)}."
             )
     return tuple(input_shape)
@@ -103,10 +122,18 @@ def _build(
     name: str,
     recompute: bool = False,
     preprocessing=None,
+    encoder=None,
+    encoder_weights=None,
+    encoder_trainable: bool = True,
 ) -> keras.Model:
     _check_depth(depth)
     widths = _resolve_widths(filters, depth, width_multiplier)
-    input_shape = _check_input_shape(input_shape, depth)
+    if encoder is not None:
+        _check_encoder_options(depth, recompute, encoder_weights)
+    elif encoder_weights is not None:
+        raise ValueError("encoder_weights needs an encoder: pass encoder='resnet50' (or another name) as well.")
+    # with an encoder, level i of the decoder sits at stride 2**(i + 1) and a head upsamples to full size
+    input_shape = _check_input_shape(input_shape, depth + (encoder is not None), encoder)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
     if upsampling not in UPSAMPLING_MODES:
@@ -131,9 +158,15 @@ def _build(
     preprocess = preprocessing_layer(preprocessing)
     image = inputs if preprocess is None else preprocess(inputs)
     x = {}
-    for i in range(depth + 1):
-        source = image if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
-        x[i, 0] = conv_block(source, widths[i], name=f"x_{i}_0", **block)
+    if encoder is not None:
+        features = encoder_features(image, encoder, encoder_weights, encoder_trainable, levels=depth + 1)
+        x.update({(i, 0): feature for i, feature in enumerate(features)})
+        if x[0, 0] is None:  # no stride-2 map in the encoder (ConvNeXt): a small block makes one
+            x[0, 0] = conv_block(keras.layers.AveragePooling2D(2, name="x_0_0_pool")(image), widths[0], name="x_0_0", **block)
+    else:
+        for i in range(depth + 1):
+            source = image if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
+            x[i, 0] = conv_block(source, widths[i], name=f"x_{i}_0", **block)
     for j in range(1, depth + 1):
         for i in range(depth - j + 1):
             if not nested and i + j != depth:
@@ -149,8 +182,13 @@ def _build(
             x[i, j] = conv_block([*skips, up], widths[i], name=f"x_{i}_{j}", **block)
 
     def head(j):
+        top = x[0, j]
+        if encoder is not None:  # X(0, j) is at stride 2: upsample and refine at full resolution
+            width = max(1, widths[0] // 2)
+            up = upsample(top, width, name=f"x_full_{j}_up", mode=upsampling, kernel_initializer=kernel_initializer)
+            top = conv_block(up, width, name=f"x_full_{j}", **block)
         return segmentation_head(
-            x[0, j],
+            top,
             num_classes,
             name=f"output_{j}",
             activation=head_activation,
@@ -182,6 +220,9 @@ def build_unetpp(
     width_multiplier: float = 1.0,
     recompute: bool = False,
     preprocessing=None,
+    encoder=None,
+    encoder_weights=None,
+    encoder_trainable: bool = True,
     name: str = "unetpp",
 ) -> keras.Model:
     """Build a UNet++ (nested U-Net) as a functional `keras.Model`.
@@ -229,6 +270,18 @@ def build_unetpp(
             as {"normalize": "percentile", "image_size": (64, 64), "resize": "resize"}, or
             the layer itself. None adds no layer (images go in as the pipeline scales them).
             Defaults to None.
+        encoder: str, keras.Model or None. A pretrained backbone for column 0: a name from
+            `unetpp_tf.models.ENCODERS` ("resnet50", "efficientnetb0", "mobilenetv3large",
+            "convnexttiny", ...), or a Keras model returning feature maps at strides 2..32 (a
+            list, a dict, or a keras-hub backbone with `pyramid_outputs`). The decoder level i
+            then sits at stride 2**(i + 1) and each head upsamples to full resolution; inputs
+            must be divisible by 2**(depth + 1) (32 at depth 4). None builds the paper's own
+            encoder. Defaults to None.
+        encoder_weights: "imagenet", a weights file path or None. Weights of a named encoder:
+            ImageNet (downloaded by Keras), a local copy of that file or one written with
+            `save_weights`, or None for random initialization. Defaults to None.
+        encoder_trainable: bool. False freezes the encoder (BatchNorm in inference mode).
+            Defaults to True.
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
@@ -238,6 +291,7 @@ def build_unetpp(
     Example:
         >>> model = build_unetpp((96, 96, 1), depth=4, filters=32, deep_supervision=True)
         >>> [o.name for o in model.outputs][:1], len(model.outputs)
+        >>> tuned = build_unetpp((256, 256, 3), encoder="resnet50", encoder_weights="imagenet")
     """
     return _build(
         True,
@@ -258,6 +312,9 @@ def build_unetpp(
         name=name,
         recompute=recompute,
         preprocessing=preprocessing,
+        encoder=encoder,
+        encoder_weights=encoder_weights,
+        encoder_trainable=encoder_trainable,
     )
 
 
@@ -283,7 +340,8 @@ def build_unet(
         name: str. Model name. Defaults to "unet".
         **options: the keyword options of `build_unetpp` (batch_norm, bn_momentum, dropout, l2,
             upsampling, activation, kernel_initializer, output_activation,
-            width_multiplier, recompute, preprocessing).
+            width_multiplier, recompute, preprocessing, encoder, encoder_weights,
+            encoder_trainable).
 
     Example:
         >>> wide = build_unet((96, 96, 1), filters=(35, 70, 140, 280, 560))
