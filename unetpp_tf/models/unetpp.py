@@ -88,9 +88,9 @@ def _check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"input {label} must be a positive integer or None, got {size!r}.")
         if size % multiple:
-            model = f"depth {depth}" if encoder is None else f"encoder {encoder if isinstance(encoder, str) else encoder.name!r}, {multiple}x"
+            why = f"depth {depth}" if encoder is None else f"the encoder and decoder downsample {multiple}x"
             raise ValueError(
-                f"input {label} {size} is not divisible by {multiple} ({model} downsampling); "
+                f"input {label} {size} is not divisible by {multiple} ({why}); "
                 f"resize or pad to {_nearest_valid(size, multiple)}."
             )
     return tuple(input_shape)
