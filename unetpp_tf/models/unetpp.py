@@ -162,7 +162,8 @@ def _build(
         features = encoder_features(image, encoder, encoder_weights, encoder_trainable, levels=depth + 1)
         x.update({(i, 0): feature for i, feature in enumerate(features)})
         if x[0, 0] is None:  # no stride-2 map in the encoder (ConvNeXt): a small block makes one
-            x[0, 0] = conv_block(keras.layers.AveragePooling2D(2, name="x_0_0_pool")(image), widths[0], name="x_0_0", **block)
+            pooled = keras.layers.AveragePooling2D(2, name="x_0_0_pool")(image)
+            x[0, 0] = conv_block(pooled, widths[0], name="x_0_0", **block)
     else:
         for i in range(depth + 1):
             source = image if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
