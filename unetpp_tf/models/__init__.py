@@ -1,7 +1,8 @@
-"""UNet++ and U-Net builders, pretrained encoders, presets, in-model preprocessing, inference-time pruning, recomputed training."""
+"""UNet++, U-Net and DeepLabV3+ builders, pretrained encoders, presets, preprocessing, pruning, recomputation."""
 
 from unetpp_tf.models.analysis import count_flops, size_divisor
 from unetpp_tf.models.blocks import conv_block, segmentation_head, upsample
+from unetpp_tf.models.deeplab import build_deeplabv3plus
 from unetpp_tf.models.encoders import ENCODERS, EncoderPreprocessing, encoder_features, encoder_layers, encoder_spec
 from unetpp_tf.models.ensemble import ensemble_model
 from unetpp_tf.models.layers import ConcatConv2D
@@ -23,6 +24,7 @@ __all__ = [
     "InputPreprocessing",
     "NestedModel",
     "RecomputedModel",
+    "build_deeplabv3plus",
     "build_model",
     "build_unet",
     "build_unetpp",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 
+from unetpp_tf.models.deeplab import build_deeplabv3plus
 from unetpp_tf.models.unetpp import build_unet, build_unetpp
 
-ARCHITECTURES = {"unetpp": build_unetpp, "unet": build_unet}
+ARCHITECTURES = {"unetpp": build_unetpp, "unet": build_unet, "deeplabv3plus": build_deeplabv3plus}
 
 PRESETS = {
     # The official Keras code of Zhou et al.: 32..512 filters, two 3x3 ReLU convs per
@@ -25,18 +28,26 @@ PRESETS = {
 
 
 def build_model(arch: str = "unetpp", **options) -> keras.Model:
-    """Build a model by architecture name ("unetpp" or "unet").
+    """Build a model by architecture name ("unetpp", "unet" or "deeplabv3plus").
 
     Args:
-        arch: str. "unetpp" or "unet". Defaults to "unetpp".
-        **options: arguments of `build_unetpp` / `build_unet`.
+        arch: str. A key of `ARCHITECTURES`. Defaults to "unetpp".
+        **options: arguments of `build_unetpp` / `build_unet` / `build_deeplabv3plus`.
 
     Example:
         >>> model = build_model("unet", input_shape=(64, 64, 3), filters=16)
+        >>> deeplab = build_model("deeplabv3plus", input_shape=(64, 64, 3), encoder="mobilenetv2")
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[arch](**options)
+    builder = ARCHITECTURES[arch]
+    try:
+        inspect.signature(builder).bind(**options)
+    except TypeError:
+        valid = [key for key, p in inspect.signature(builder).parameters.items() if p.kind is not p.VAR_KEYWORD]
+        unknown = sorted(set(options) - set(valid))
+        raise ValueError(f"unknown option(s) {unknown} for arch {arch!r}; valid options are {valid}.") from None
+    return builder(**options)
 
 
 def from_preset(preset: str = "paper", arch: str = "unetpp", **overrides) -> keras.Model:
