@@ -294,26 +294,59 @@ def _file_keys(model: keras.Model) -> dict[str, str]:
     return keys
 
 
+def _keras3_shapes(group, model: keras.Model) -> dict:
+    """{layer name: weight shapes stored for it, or None} from a Keras 3 file's `layers` group.
+
+    A layer's variables are under `<key>/vars/<k>`; a nested model's (ConvNeXt's Sequential
+    blocks) under `<key>/layers/<inner key>/...`, in the order of its own layers.
+    """
+    keys, stored = _file_keys(model), {}
+    for layer in model.layers:
+        entry = group.get(keys[layer.name])
+        if entry is None:
+            stored[layer.name] = None
+            continue
+        own = entry.get("vars")
+        shapes = [own[k].shape for k in sorted(own, key=int)] if own is not None else []
+        if isinstance(layer, keras.Model) and "layers" in entry:
+            inner = _keras3_shapes(entry["layers"], layer)
+            shapes += [shape for sub in _weighted_layers(layer.layers) for shape in inner[sub.name] or []]
+        stored[layer.name] = shapes
+    return stored
+
+
+def _legacy_shapes(root) -> dict:
+    """{layer name: weight shapes} from a legacy `.h5` file (the ones keras.applications downloads)."""
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return {
+        text(name): [root[text(name)][text(weight)].shape for weight in root[text(name)].attrs.get("weight_names", [])]
+        for name in root.attrs.get("layer_names", [])
+    }
+
+
 def _first_mismatch(model: keras.Model, path: str) -> str | None:
-    """Why the weights file at `path` does not fit `model` (its first mismatching layer), or None."""
+    """Why the weights file at `path` does not fit `model` (its first mismatching layer), or None.
+
+    Raises:
+        ValueError: the file is not an HDF5 weights file at all.
+    """
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            if "layers" in f:  # Keras 3 format: layers/<class key>/vars/<k>, keyed by class and position
-                keys = _file_keys(model)
-                stored = {}
-                for layer in model.layers:
-                    group = f["layers"].get(f"{keys[layer.name]}/vars")
-                    stored[layer.name] = None if group is None else [group[k].shape for k in sorted(group, key=int)]
-            else:  # legacy .h5 (the files keras.applications downloads): groups by layer name
-                root = f["model_weights"] if "model_weights" in f else f
-                stored = {}
-                for name in [n.decode() if isinstance(n, bytes) else str(n) for n in root.attrs.get("layer_names", [])]:
-                    names = root[name].attrs.get("weight_names", [])
-                    stored[name] = [root[name][n.decode() if isinstance(n, bytes) else str(n)].shape for n in names]
-    except (OSError, KeyError) as error:
-        return f"it is not a readable Keras weights file ({error})"
+            if "layers" in f:  # Keras 3 format (save_weights): keyed by class and position
+                stored = _keras3_shapes(f["layers"], model)
+            else:  # legacy .h5: groups by layer name
+                stored = _legacy_shapes(f["model_weights"] if "model_weights" in f else f)
+    except OSError as error:
+        raise ValueError(
+            f"encoder weights file {path!r} is not a Keras weights file (HDF5: .weights.h5 or .h5) ({error}); "
+            "pass the file keras.applications downloads or one written with save_weights()."
+        ) from error
+    except KeyError as error:
+        return f"it is not laid out as Keras weights ({error})"
     for layer in _weighted_layers(model.layers):
         expected = [tuple(w.shape) for w in layer.weights]
         found = stored.get(layer.name)
@@ -414,35 +447,47 @@ def _application_features(image, name: str, weights, trainable: bool, levels: in
     return [None if tap is None else _tap(backbone, tap) for tap in spec.taps[:levels]]
 
 
+def _as_multiscale_model(encoder) -> keras.Model:
+    """The user's encoder as a model returning its maps (for a keras-hub backbone, its `pyramid_outputs`)."""
+    pyramid = getattr(encoder, "pyramid_outputs", None)
+    if pyramid:
+        return keras.Model(encoder.inputs, dict(pyramid), name=f"{encoder.name}_pyramid")
+    if not isinstance(encoder, keras.Model):
+        raise TypeError(
+            "encoder must be a name from ENCODERS or a keras.Model returning feature maps, "
+            f"got {type(encoder).__name__}."
+        )
+    return encoder
+
+
 def _custom_features(image, encoder, trainable: bool, levels: int) -> list:
     """Feature maps of a user's multi-scale model, sorted by stride (a missing /2 is allowed)."""
-    if hasattr(encoder, "pyramid_outputs") and not isinstance(getattr(encoder, "pyramid_outputs"), property):
-        pyramid = encoder.pyramid_outputs
-        encoder = keras.Model(encoder.inputs, dict(pyramid), name=f"{encoder.name}_pyramid")
-    outputs = encoder.outputs if isinstance(encoder.outputs, (list, tuple)) else [encoder.outputs]
-    if image.shape[-1] != encoder.input_shape[-1] and encoder.input_shape[-1] is not None:
+    encoder = _as_multiscale_model(encoder)
+    if len(encoder.inputs) != 1:
+        raise ValueError(f"encoder model {encoder.name!r} must take one image input, it takes {len(encoder.inputs)}.")
+    expected = encoder.inputs[0].shape
+    if expected[-1] is not None and expected[-1] != image.shape[-1]:
         raise ValueError(
-            f"encoder model {encoder.name!r} takes {encoder.input_shape[-1]} input channels, the images have "
+            f"encoder model {encoder.name!r} takes {expected[-1]} input channels, the images have "
             f"{image.shape[-1]}; build the encoder for {image.shape[-1]} channels or change the data."
         )
-    probe = 256
-    spec_outputs = encoder.compute_output_spec(keras.KerasTensor((1, probe, probe, image.shape[-1])))
-    flat = keras.tree.flatten(spec_outputs)
-    if len(flat) != len(outputs) or any(len(o.shape) != 4 for o in flat):
+    probe = expected[1] or 256  # the encoder's own size where it has one
+    probe_input = keras.KerasTensor((1, probe, expected[2] or probe, image.shape[-1]))
+    specs = keras.tree.flatten(encoder.compute_output_spec(probe_input))
+    if any(len(spec.shape) != 4 for spec in specs):
         raise ValueError(
             f"encoder model {encoder.name!r} must return feature maps (batch, height, width, channels) at strides "
-            f"among {STRIDES}; it returns {[tuple(o.shape) for o in flat]}."
+            f"among {STRIDES}; it returns {[tuple(spec.shape) for spec in specs]}."
         )
-    strides = [probe // o.shape[1] if o.shape[1] else None for o in flat]
+    strides = [probe // spec.shape[1] if spec.shape[1] and probe % spec.shape[1] == 0 else None for spec in specs]
     encoder.trainable = trainable
-    features = keras.tree.flatten(encoder(image))
-    by_stride = dict(zip(strides, features))
-    needed = STRIDES[1 : levels]
-    missing = [s for s in needed if s not in by_stride]
+    by_stride = dict(zip(strides, keras.tree.flatten(encoder(image))))
+    missing = [s for s in STRIDES[1:levels] if s not in by_stride]
     if missing:
         raise ValueError(
             f"encoder model {encoder.name!r} gives feature maps at strides {sorted(s for s in strides if s)}, "
-            f"but a decoder of depth {levels - 1} needs strides {list(STRIDES[:levels])} (stride 2 may be missing)."
+            f"but a decoder of depth {levels - 1} needs strides {list(STRIDES[:levels])} (stride 2 may be missing): "
+            f"{missing} not found."
         )
     return [by_stride.get(s) for s in STRIDES[:levels]]
 
