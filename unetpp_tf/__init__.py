@@ -22,6 +22,7 @@ from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
 from unetpp_tf.models import (  # noqa: E402
     PRESETS,
     InputPreprocessing,
+    build_deeplabv3plus,
     build_model,
     build_unet,
     build_unetpp,
@@ -39,6 +40,7 @@ __all__ = [
     "InputPreprocessing",
     "TrainConfig",
     "__version__",
+    "build_deeplabv3plus",
     "build_model",
     "build_unet",
     "build_unetpp",
