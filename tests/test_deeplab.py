@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from unetpp_tf.models import build_deeplabv3plus, build_model, encoder_layers
-from unetpp_tf.models.deeplab import KERAS_EXAMPLE_LAYERS, BilinearUpsampling, BroadcastToMap
+from unetpp_tf.models.deeplab import KERAS_EXAMPLE_LAYERS, BroadcastToMap
+from unetpp_tf.models.layers import BilinearUpsampling
 
 # keras.io/examples/vision/deeplabv3_plus: DeeplabV3Plus(image_size=512, num_classes=20).summary()
 KERAS_EXAMPLE_PARAMS = 11_857_236

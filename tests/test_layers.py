@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from unetpp_tf.models.layers import ConcatConv2D, FusedBatchNormalization, FusedDropout, hash_dropout
+import unetpp_tf
+from unetpp_tf.models.layers import (
+    BilinearUpsampling,
+    ConcatConv2D,
+    FusedBatchNormalization,
+    FusedDropout,
+    hash_dropout,
+)
 
 
 def _paired_batch_norms(**kwargs):
@@ -205,3 +212,16 @@ def test_concat_conv_survives_a_keras_save_and_load(tmp_path, rng):
     assert tuple(layer.kernel.shape) == (3, 3, 5, 4)
     x = [rng.random((2, 8, 8, c), dtype=np.float32) for c in (2, 3)]
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_bilinear_unetpp_predicts_at_two_sizes_when_none_by_none(rng):
+    # Keras' bilinear UpSampling2D cannot be retraced at a second None x None size on TensorFlow
+    model = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, upsampling="bilinear")
+    assert any(isinstance(layer, BilinearUpsampling) for layer in model.layers)
+    for size in (32, 48):
+        image = rng.random((1, size, size, 1), dtype=np.float32)
+        fixed = unetpp_tf.build_unetpp((size, size, 1), depth=2, filters=4, upsampling="bilinear")
+        fixed.set_weights(model.get_weights())
+        got = model.predict(image, verbose=0)
+        assert got.shape == (1, size, size, 1)
+        np.testing.assert_allclose(got, fixed.predict(image, verbose=0), atol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from unetpp_tf.models.layers import ConcatConv2D, FusedBatchNormalization, FusedDropout
+from unetpp_tf.models.layers import BilinearUpsampling, ConcatConv2D, FusedBatchNormalization, FusedDropout
 
 UPSAMPLING_MODES = ("transpose", "bilinear", "nearest")
 
@@ -104,6 +104,8 @@ def upsample(x, filters: int, *, name: str, mode: str = "transpose", kernel_init
         return keras.layers.Conv2DTranspose(
             filters, 2, strides=2, padding="same", kernel_initializer=kernel_initializer, name=name
         )(x)
+    if mode == "bilinear":  # runs at None x None sizes too (see BilinearUpsampling)
+        return BilinearUpsampling(2, name=name)(x)
     return keras.layers.UpSampling2D(2, interpolation=mode, name=name)(x)
 
 

@@ -24,9 +24,9 @@ from keras import ops
 
 from unetpp_tf.models.blocks import conv_block, segmentation_head
 from unetpp_tf.models.encoders import encoder_features, encoder_spec
-from unetpp_tf.models.layers import ConcatConv2D, FusedBatchNormalization, FusedDropout
+from unetpp_tf.models.layers import BilinearUpsampling, ConcatConv2D, FusedBatchNormalization, FusedDropout
 from unetpp_tf.models.preprocessing import preprocessing_layer
-from unetpp_tf.models.unetpp import _check_input_shape, _output_activation
+from unetpp_tf.models.unetpp import check_input_shape, resolve_output_activation
 
 ATROUS_RATES = {16: (6, 12, 18)}  # the paper's rates for output stride 16
 OUTPUT_STRIDES = tuple(ATROUS_RATES)
@@ -35,36 +35,6 @@ _ENCODER_LEVEL = {4: 2, 16: 4}  # stride -> encoder_stage{k}, the names `encoder
 # The backbone layers the Keras DeepLabV3+ example feeds its head (inside ResNet50's last block of
 # each stage, 64 and 256 channels): with them the builder reproduces the example's parameter count.
 KERAS_EXAMPLE_LAYERS = {"low_level_layer": "conv2_block3_2_relu", "aspp_layer": "conv4_block6_2_relu"}
-
-
-@keras.saving.register_keras_serializable(package="unetpp_tf")
-class BilinearUpsampling(keras.layers.UpSampling2D):
-    """`UpSampling2D(size, interpolation="bilinear")` that also runs where height and width are None.
-
-    Keras 3.15's bilinear resize checks the target size with a Python comparison, which fails on
-    the symbolic sizes of a TensorFlow graph traced for a None x None input (the second size a
-    model predicts at). Static sizes, and other backends (which trace with concrete shapes), take
-    the Keras path; dynamic ones on TensorFlow call the same op (`tf.image.resize`, half-pixel
-    centers) with the size as a tensor.
-
-    Example:
-        >>> tuple(BilinearUpsampling(4)(np.ones((1, 3, 5, 2), "float32")).shape)
-        (1, 12, 20, 2)
-    """
-
-    def __init__(self, size=2, **kwargs):
-        kwargs.pop("interpolation", None)
-        super().__init__(size, interpolation="bilinear", **kwargs)
-
-    def call(self, inputs):
-        dynamic = inputs.shape[1] is None or inputs.shape[2] is None
-        if not dynamic or keras.backend.backend() != "tensorflow" or self.data_format != "channels_last":
-            return super().call(inputs)
-        import tensorflow as tf
-
-        shape = tf.shape(inputs)
-        target = tf.stack([shape[1] * self.size[0], shape[2] * self.size[1]])
-        return tf.cast(tf.image.resize(inputs, target, method="bilinear"), inputs.dtype)
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
@@ -302,7 +272,7 @@ def build_deeplabv3plus(
         encoder,
         encoder_weights,
     )
-    input_shape = _check_input_shape(input_shape, 4, encoder)  # 2**4 = 16
+    input_shape = check_input_shape(input_shape, 4, encoder)  # 2**4 = 16
     unit = dict(batch_norm=batch_norm, bn_momentum=bn_momentum)
 
     inputs = keras.Input(input_shape, name="image")
@@ -317,6 +287,6 @@ def build_deeplabv3plus(
     low = _conv_unit(low, low_level_filters, 1, name="low_level", **unit)
     x = conv_block([x, low], decoder_filters, name="decoder", convs=2, **unit)
     x = BilinearUpsampling(4, name="decoder_up")(x)
-    outputs = segmentation_head(x, num_classes, name="output", activation=_output_activation(output_activation,
-                                                                                             num_classes))
+    activation = resolve_output_activation(output_activation, num_classes)
+    outputs = segmentation_head(x, num_classes, name="output", activation=activation)
     return keras.Model(inputs, outputs, name=name)

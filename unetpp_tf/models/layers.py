@@ -251,3 +251,33 @@ class ConcatConv2D(keras.layers.Conv2D):
             shape = (1, 1, 1, self.filters) if self.data_format == "channels_last" else (1, self.filters, 1, 1)
             outputs = keras.ops.add(outputs, keras.ops.reshape(self.bias, shape))
         return self.activation(outputs) if self.activation is not None else outputs
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class BilinearUpsampling(keras.layers.UpSampling2D):
+    """`UpSampling2D(size, interpolation="bilinear")` that also runs where height and width are None.
+
+    Keras 3.15's bilinear resize checks the target size with a Python comparison, which fails on
+    the symbolic sizes of a TensorFlow graph traced for a None x None input (the second size a
+    model predicts at). Static sizes, and other backends (which trace with concrete shapes), take
+    the Keras path; dynamic ones on TensorFlow call the same op (`tf.image.resize`, half-pixel
+    centers) with the size as a tensor.
+
+    Example:
+        >>> tuple(BilinearUpsampling(4)(np.ones((1, 3, 5, 2), "float32")).shape)
+        (1, 12, 20, 2)
+    """
+
+    def __init__(self, size=2, **kwargs):
+        kwargs.pop("interpolation", None)
+        super().__init__(size, interpolation="bilinear", **kwargs)
+
+    def call(self, inputs):
+        dynamic = inputs.shape[1] is None or inputs.shape[2] is None
+        if not dynamic or keras.backend.backend() != "tensorflow" or self.data_format != "channels_last":
+            return super().call(inputs)
+        import tensorflow as tf
+
+        shape = tf.shape(inputs)
+        target = tf.stack([shape[1] * self.size[0], shape[2] * self.size[1]])
+        return tf.cast(tf.image.resize(inputs, target, method="bilinear"), inputs.dtype)

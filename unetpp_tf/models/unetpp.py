@@ -72,7 +72,7 @@ def _check_encoder_options(depth: int, recompute: bool, encoder_weights) -> None
         raise ValueError(f"encoder_weights must be 'imagenet', None or a file path, got {encoder_weights!r}.")
 
 
-def _check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
+def check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
     if len(input_shape) != 3:
         raise ValueError(
             f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}; "
@@ -96,7 +96,7 @@ def _check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
     return tuple(input_shape)
 
 
-def _output_activation(output_activation, num_classes: int):
+def resolve_output_activation(output_activation, num_classes: int):
     if output_activation == "auto":
         return "sigmoid" if num_classes == 1 else "softmax"
     return output_activation
@@ -133,7 +133,7 @@ def _build(
     elif encoder_weights is not None:
         raise ValueError("encoder_weights needs an encoder: pass encoder='resnet50' (or another name) as well.")
     # with an encoder, level i of the decoder sits at stride 2**(i + 1) and a head upsamples to full size
-    input_shape = _check_input_shape(input_shape, depth + (encoder is not None), encoder)
+    input_shape = check_input_shape(input_shape, depth + (encoder is not None), encoder)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
     if upsampling not in UPSAMPLING_MODES:
@@ -144,7 +144,7 @@ def _build(
         raise ValueError(f"l2 must be >= 0, got {l2}.")
     if not 0.0 <= bn_momentum < 1.0:
         raise ValueError(f"bn_momentum must be in [0, 1) (the decay of the moving statistics), got {bn_momentum}.")
-    head_activation = _output_activation(output_activation, num_classes)
+    head_activation = resolve_output_activation(output_activation, num_classes)
     block = dict(
         batch_norm=batch_norm,
         bn_momentum=bn_momentum,
