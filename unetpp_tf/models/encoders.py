@@ -315,15 +315,42 @@ def _keras3_shapes(group, model: keras.Model) -> dict:
     return stored
 
 
-def _legacy_shapes(root) -> dict:
-    """{layer name: weight shapes} from a legacy `.h5` file (the ones keras.applications downloads)."""
-    def text(value):
-        return value.decode() if isinstance(value, bytes) else str(value)
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    return {
-        text(name): [root[text(name)][text(weight)].shape for weight in root[text(name)].attrs.get("weight_names", [])]
-        for name in root.attrs.get("layer_names", [])
-    }
+
+def _legacy_entries(root) -> list[tuple]:
+    """(weight shapes, layer name) of each layer with weights in a legacy `.h5` file, in layer order."""
+    entries = []
+    for name in map(_text, root.attrs.get("layer_names", [])):
+        shapes = [root[name][_text(weight)].shape for weight in root[name].attrs.get("weight_names", [])]
+        if shapes:
+            entries.append((shapes, name))
+    return entries
+
+
+def _stored_shapes(path: str, model: keras.Model) -> list[tuple]:
+    """(weight shapes or None, name in the file) for each of `model`'s layers with weights, from its file.
+
+    A Keras 3 file is read by key; a legacy `.h5` file (the ones keras.applications downloads)
+    by position, as Keras loads it: auto-generated names such as EfficientNet's
+    `normalization` get another number in each new model. Entries past the model's layers
+    are kept, so a longer file shows.
+    """
+    import h5py
+
+    layers = _weighted_layers(model.layers)
+    try:
+        with h5py.File(path, "r") as f:
+            if "layers" in f:
+                by_name = _keras3_shapes(f["layers"], model)
+                return [(by_name[layer.name], layer.name) for layer in layers]
+            return _legacy_entries(f["model_weights"] if "model_weights" in f else f)
+    except OSError as error:
+        raise ValueError(
+            f"encoder weights file {path!r} is not a Keras weights file (HDF5: .weights.h5 or .h5) ({error}); "
+            "pass the file keras.applications downloads or one written with save_weights()."
+        ) from error
 
 
 def _first_mismatch(model: keras.Model, path: str) -> str | None:
@@ -332,28 +359,22 @@ def _first_mismatch(model: keras.Model, path: str) -> str | None:
     Raises:
         ValueError: the file is not an HDF5 weights file at all.
     """
-    import h5py
-
+    layers = _weighted_layers(model.layers)
     try:
-        with h5py.File(path, "r") as f:
-            if "layers" in f:  # Keras 3 format (save_weights): keyed by class and position
-                stored = _keras3_shapes(f["layers"], model)
-            else:  # legacy .h5: groups by layer name
-                stored = _legacy_shapes(f["model_weights"] if "model_weights" in f else f)
-    except OSError as error:
-        raise ValueError(
-            f"encoder weights file {path!r} is not a Keras weights file (HDF5: .weights.h5 or .h5) ({error}); "
-            "pass the file keras.applications downloads or one written with save_weights()."
-        ) from error
+        stored = _stored_shapes(path, model)
     except KeyError as error:
         return f"it is not laid out as Keras weights ({error})"
-    for layer in _weighted_layers(model.layers):
+    for layer, (found, file_name) in zip(layers, stored + [(None, None)] * (len(layers) - len(stored))):
         expected = [tuple(w.shape) for w in layer.weights]
-        found = stored.get(layer.name)
         if found is None:
             return f"it has no weights for layer {layer.name!r} (expected shapes {expected})"
         if [tuple(shape) for shape in found] != expected:
-            return f"layer {layer.name!r} needs weights of shapes {expected}, the file has {[tuple(x) for x in found]}"
+            where = "" if file_name == layer.name else f" (its layer {file_name!r})"
+            found = [tuple(shape) for shape in found]
+            return f"layer {layer.name!r} needs weights of shapes {expected}, the file has {found}{where}"
+    if len(stored) > len(layers):
+        extra = stored[len(layers)][1]
+        return f"it has weights for {len(stored)} layers, the encoder has {len(layers)} (from {extra!r} on)"
     return None
 
 
@@ -436,12 +457,12 @@ def _stage(tensor, stride: int):
 
 def _application_features(image, name: str, weights, trainable: bool, levels: int) -> list:
     spec = encoder_spec(name)
-    channels = image.shape[-1]
+    reference = None if weights is None else _load_reference(spec, name, weights)  # bad files fail before the build
     x = EncoderPreprocessing(spec.preprocessing, name="encoder_preprocessing")(image)
     backbone = _application(spec, weights=None, input_tensor=x)
     layers = [layer for layer in backbone.layers if layer.name not in _OUR_INPUT_LAYERS]
-    if weights is not None:
-        _copy_weights(_load_reference(spec, name, weights), layers, channels, name)
+    if reference is not None:
+        _copy_weights(reference, layers, image.shape[-1], name)
     for layer in layers:
         layer.trainable = trainable
     return [None if tap is None else _tap(backbone, tap) for tap in spec.taps[:levels]]
