@@ -432,9 +432,20 @@ def test_custom_encoder_without_stride_2_gets_one_from_the_decoder():
     assert _run(model, _images(size=32)).shape == (2, 32, 32, 1)
 
 
+def test_custom_encoder_trainability():
+    image, maps = _pyramid()
+    encoder = keras.Model(image, list(maps.values()), name="custom")
+    encoder.layers[1].trainable = False  # frozen by its owner: building on it keeps that
+    unetpp_tf.build_unetpp((32, 32, 3), depth=2, filters=4, encoder=encoder)
+    assert [layer.trainable for layer in encoder.layers[1:]] == [False, True, True, True, True]
+    frozen = unetpp_tf.build_unetpp((32, 32, 3), depth=2, filters=4, encoder=encoder, encoder_trainable=False)
+    assert [layer.name for layer in encoder_layers(frozen)] == ["custom"] and not encoder.trainable_weights
+    assert frozen.trainable_weights  # the decoder
+
+
 def test_custom_encoder_errors():
     image, maps = _pyramid(strides=(2, 4, 16, 32))
-    with pytest.raises(ValueError, match=r"strides \[2, 4, 16, 32\], but a decoder of depth 4 needs .*\[8\] not found"):
+    with pytest.raises(ValueError, match=r"strides \[2, 4, 16, 32\], but a decoder of depth 4 needs .*; \[8\] missing"):
         unetpp_tf.build_unetpp((32, 32, 3), depth=4, encoder=keras.Model(image, list(maps.values())))
     # depth 1 needs strides 2 and 4 only: the same model serves
     assert unetpp_tf.build_unetpp((32, 32, 3), depth=1, encoder=keras.Model(image, list(maps.values())))

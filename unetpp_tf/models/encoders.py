@@ -501,15 +501,16 @@ def _custom_features(image, encoder, trainable: bool, levels: int) -> list:
             f"among {STRIDES}; it returns {[tuple(spec.shape) for spec in specs]}."
         )
     strides = [probe // spec.shape[1] if spec.shape[1] and probe % spec.shape[1] == 0 else None for spec in specs]
-    encoder.trainable = trainable
-    by_stride = dict(zip(strides, keras.tree.flatten(encoder(image))))
-    missing = [s for s in STRIDES[1:levels] if s not in by_stride]
+    missing = [s for s in STRIDES[1:levels] if s not in strides]
     if missing:
         raise ValueError(
             f"encoder model {encoder.name!r} gives feature maps at strides {sorted(s for s in strides if s)}, "
-            f"but a decoder of depth {levels - 1} needs strides {list(STRIDES[:levels])} (stride 2 may be missing): "
-            f"{missing} not found."
+            f"but a decoder of depth {levels - 1} needs strides {list(STRIDES[1:levels])} (and 2, which it can "
+            f"make itself); {missing} missing: return a map at each of them, or use a smaller depth."
         )
+    if not trainable:  # a trainable model keeps whatever its owner froze inside it
+        encoder.trainable = False
+    by_stride = dict(zip(strides, keras.tree.flatten(encoder(image))))
     return [by_stride.get(s) for s in STRIDES[:levels]]
 
 
@@ -522,7 +523,8 @@ def encoder_features(image, encoder, weights=None, trainable: bool = True, level
     Args:
         image: KerasTensor. The (preprocessed) model input, channels last, scaled to about 0..1.
         encoder: str or keras.Model. A name from `ENCODERS`, or a model returning feature maps
-            at strides among 2..32 (a list, a dict, or a keras-hub backbone's `pyramid_outputs`).
+            at strides among 2..32 (a list, a dict, or a keras-hub backbone's `pyramid_outputs`),
+            which gets `image` as it is (its own preprocessing is up to the model).
         weights: "imagenet", a weights file path or None (random initialization). Only for names.
         trainable: bool. Whether the encoder's layers train. Defaults to True.
         levels: int. How many maps (strides 2..2**levels). Defaults to 5.
