@@ -3,7 +3,8 @@
 A run directory's `backup/` holds, while the run is unfinished:
 
     state.json        the commit record: epochs finished, the arrays file below, the best score,
-                      the counters of EarlyStopping and ReduceLROnPlateau, whether training stopped
+                      the counters of EarlyStopping and ReduceLROnPlateau, whether training stopped,
+                      the training phase whose optimizer the arrays hold (`training.training_phases`)
     epoch-0007.npz    every variable of the training model (weights, BatchNorm statistics, the
                       states of its random-seed generators) and of its optimizer (moments, step
                       count, learning rate)
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -89,8 +91,15 @@ def read_backup(directory: str | Path) -> dict | None:
     return state
 
 
-def restore_variables(trainer: keras.Model, directory: str | Path, state: dict) -> None:
+def restore_variables(trainer: keras.Model, directory: str | Path, state: dict, optimizer: bool = True) -> None:
     """Assign the arrays a backup recorded to `trainer`'s variables and its (built) optimizer's.
+
+    Args:
+        trainer: keras.Model. The compiled model `fit` runs, its optimizer built.
+        directory: str or Path. The backup folder.
+        state: dict. `read_backup(directory)`.
+        optimizer: bool. Restore the optimizer's variables too; False keeps a fresh optimizer
+            (a run that resumes where a new training phase starts). Defaults to True.
 
     Raises:
         ValueError: the backup holds other variables than this model (its settings changed).
@@ -101,6 +110,8 @@ def restore_variables(trainer: keras.Model, directory: str | Path, state: dict) 
     path = Path(directory) / state["arrays"]
     with np.load(path) as stored:
         for group, variables in training_variables(trainer).items():
+            if group == "optimizer" and not optimizer:
+                continue
             arrays = [stored[f"{group}/{k:04d}"] for k in range(int(stored[f"{group}/count"]))]
             shapes = [tuple(v.shape) for v in variables]
             if len(arrays) != len(variables) or any(a.shape != s for a, s in zip(arrays, shapes)):
@@ -138,16 +149,18 @@ class RunBackup(keras.callbacks.Callback):
         skip: callable or None. Returns True when an epoch must not be backed up (a diverged run).
         restored: dict or None. The state read on resume; its callback counters are put back
             at the start of training. Defaults to None.
+        phase: str. The training phase, recorded with each epoch: a resumed run restores the
+            optimizer only into the phase that saved it. Defaults to "train".
 
     Example:
         >>> backup = RunBackup(run / "backup", {"plateau": plateau}, best=lambda: checkpoint.best)
     """
 
-    def __init__(self, directory, callbacks=None, best=None, skip=None, restored=None):
+    def __init__(self, directory, callbacks=None, best=None, skip=None, restored=None, phase: str = "train"):
         super().__init__()
         self.directory = Path(directory)
         self.stateful = dict(callbacks or {})
-        self.best, self.skip, self.restored = best, skip, restored
+        self.best, self.skip, self.restored, self.phase = best, skip, restored, phase
 
     def on_train_begin(self, logs=None):
         saved = (self.restored or {}).get("callbacks", {})
@@ -167,6 +180,7 @@ class RunBackup(keras.callbacks.Callback):
             "best": None if self.best is None else self.best(),
             "callbacks": {name: _counters(callback) for name, callback in self.stateful.items()},
             "stopped": bool(self.model.stop_training),
+            "phase": self.phase,
         }
         write_json(self.directory / STATE_FILE, state)
         for old in self.directory.glob("epoch-*.npz"):  # older generations: no longer named by the state
@@ -197,22 +211,29 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         monitor: str. A log key, higher is better (e.g. "val_dice").
         state: Path. JSON file of the best score and its epoch.
         best: float. The best score so far (a resumed run's). Defaults to -inf.
+        saving: callable or None. Returns a context manager the model is written in (e.g. one
+            that makes frozen layers trainable, so the file does not record the training phase).
+            Defaults to None.
 
     Example:
         >>> BestModelCheckpoint(model, run / "model.keras", "val_dice", run / "best.json")
     """
 
-    def __init__(self, model_to_save: keras.Model, path: Path, monitor: str, state: Path, best: float = -math.inf):
+    def __init__(
+        self, model_to_save: keras.Model, path: Path, monitor: str, state: Path, best: float = -math.inf, saving=None
+    ):
         super().__init__()
         self.model_to_save, self.path, self.monitor, self.state = model_to_save, Path(path), monitor, Path(state)
         self.best = best
+        self.saving = saving or contextlib.nullcontext
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None:
             raise KeyError(f"monitor {self.monitor!r} not in the logs {sorted(logs or {})}.")
         if math.isfinite(value) and value > self.best and not self.model.stop_training:
-            save_model(self.model_to_save, self.path)
+            with self.saving():
+                save_model(self.model_to_save, self.path)
             self.best = float(value)
             write_json(self.state, {"best": self.best, "epoch": epoch + 1, "monitor": self.monitor})
 

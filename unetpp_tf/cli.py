@@ -44,14 +44,19 @@ TRAIN_HELP = {
                  "percentiles to 0-1, or per image minmax | percentile (1st-99.8th) | zscore; kept in the model",
     "augment": "where augmentation runs: in the train step on the device, in tf.data on the host, or not at all",
     "augmentation": "augmentation settings as JSON, e.g. '{\"rotation\": 0.1, \"zoom\": 0.1}'",
-    "arch": "model architecture",
+    "arch": "model architecture (deeplabv3plus: DeepLabV3+ on --encoder, resnet50 by default)",
+    "encoder": "pretrained backbone under the decoder, a name from unetpp_tf.models.ENCODERS (e.g. resnet50, "
+               "efficientnetb0, mobilenetv2); --depth 4 or less; image sizes multiples of 2**(depth+1)",
+    "encoder_weights": "the encoder's initial weights: imagenet (downloaded by Keras) or a weights file "
+                       "(default: random initialization)",
     "preset": "start from a named model configuration ('paper')",
     "depth": "number of poolings",
     "filters": "base width (doubled per level) or DEPTH+1 widths",
     "deep_supervision": "one head and one loss per decoder column (UNet++ only; needed to prune; off by default)",
     "batch_norm": "BatchNormalization after each convolution",
     "bn_momentum": "decay of BatchNorm's moving statistics (Keras default 0.99 lags in short runs)",
-    "dropout": "dropout rate after each convolution",
+    "dropout": "dropout rate after each convolution (DeepLabV3+: before its classifier; default: the "
+               "architecture's own, 0 for UNet++ and U-Net)",
     "l2": "L2 weight decay on convolution kernels",
     "upsampling": "decoder upsampling",
     "loss": "auto = bce_dice for binary, ce_dice for multi-class",
@@ -63,6 +68,10 @@ TRAIN_HELP = {
     "min_steps": "at least this many optimizer steps in all: small datasets repeat within an epoch",
     "clipnorm": "clip each gradient to this norm",
     "epochs": "training epochs",
+    "freeze_encoder_epochs": "train the first N epochs with the encoder frozen (decoder only, its BatchNorm in "
+                             "inference mode), then every layer at a lower learning rate",
+    "finetune_lr_factor": "learning rate of the epochs after --freeze-encoder-epochs, as a fraction of "
+                          "--learning-rate",
     "early_stopping": "stop after this many epochs without a better validation Dice (0 = never)",
     "mixed_precision": "mixed precision (outputs and losses stay float32)",
     "xla": "XLA-compile the train step; auto = on with a GPU or TPU, off on CPU (slower there)",
@@ -257,6 +266,8 @@ def _summary(args) -> int:
 
     size = args.input_size or [None]
     options = dict(input_shape=(size[0], size[-1], args.channels), num_classes=args.num_classes)
+    if args.encoder:
+        options["encoder"] = args.encoder
     if args.depth is not None:
         options["depth"] = args.depth
     if args.filters:
@@ -335,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     summary = sub.add_parser("summary", help="build a model and print its layers and parameter count")
-    summary.add_argument("--arch", choices=("unetpp", "unet"), default="unetpp", help="model architecture")
+    summary.add_argument("--arch", choices=CHOICES["arch"], default="unetpp", help="model architecture")
+    summary.add_argument("--encoder", help="pretrained backbone from unetpp_tf.models.ENCODERS (random weights)")
     summary.add_argument("--preset", choices=("paper",), help="start from a named configuration")
     summary.add_argument("--depth", type=int, help="number of poolings (default 4)")
     summary.add_argument("--filters", type=int, nargs="+", help="base width, or depth+1 widths")

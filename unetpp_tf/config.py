@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 CHOICES = {
-    "arch": ("unetpp", "unet"),
+    "arch": ("unetpp", "unet", "deeplabv3plus"),
     "upsampling": ("transpose", "bilinear", "nearest"),
     "loss": ("auto", "dice", "bce_dice", "ce_dice", "tversky", "focal"),
     "optimizer": ("adam", "adamw", "sgd"),
@@ -20,6 +20,8 @@ CHOICES = {
     "task": ("binary", "multiclass"),
     "normalize": ("fixed", "dataset", "minmax", "percentile", "zscore"),
 }
+
+DEEPLAB_OUTPUT_STRIDE = 16  # DeepLabV3+'s deepest map is at 1/16 of the input (build_deeplabv3plus's default)
 
 DEFAULT_AUGMENTATION = dict(flip=True, rotate90=True, brightness=0.1, contrast=0.1, noise=0.02)
 
@@ -36,8 +38,16 @@ class TrainConfig:
     `benchmarks/accuracy.py`. Deep supervision (`deep_supervision=True`) is opt-in: it is
     what inference-time pruning needs, and on short runs it costs accuracy (multi-class most).
 
+    `encoder` puts the decoder on a `keras.applications` backbone (a name from
+    `unetpp_tf.models.ENCODERS`; `depth` <= 4 decoder levels), `encoder_weights` starts it from
+    "imagenet" or a weights file (None: random initialization), and `freeze_encoder_epochs` = N
+    trains epochs 1..N with the encoder frozen, then all layers at `finetune_lr_factor` times
+    the learning rate. `arch="deeplabv3plus"` builds DeepLabV3+ (encoder "resnet50" unless
+    `encoder` names another); `dropout` None means each architecture's own default.
+
     Example:
         >>> config = TrainConfig(name="nuclei", epochs=20, filters=32)
+        >>> config = TrainConfig(encoder="mobilenetv2", encoder_weights="imagenet", freeze_encoder_epochs=3)
         >>> config = TrainConfig.from_dict(json.load(open("config.json")))
     """
 
@@ -65,13 +75,15 @@ class TrainConfig:
     augmentation: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
     # model
     arch: str = "unetpp"
+    encoder: str | None = None
+    encoder_weights: str | None = None
     preset: str | None = None
     depth: int = 4
     filters: int | tuple = 16
     deep_supervision: bool = False
     batch_norm: bool = True
     bn_momentum: float = 0.9
-    dropout: float = 0.0
+    dropout: float | None = None
     l2: float = 0.0
     upsampling: str = "transpose"
     # optimisation
@@ -84,6 +96,8 @@ class TrainConfig:
     min_steps: int = 200
     clipnorm: float | None = None
     epochs: int = 10
+    freeze_encoder_epochs: int = 0
+    finetune_lr_factor: float = 0.1
     early_stopping: int = 0
     mixed_precision: str = "none"
     xla: str = "auto"
@@ -108,7 +122,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}.")
-        for key in ("warmup_steps", "min_steps", "folds"):
+        for key in ("warmup_steps", "min_steps", "folds", "freeze_encoder_epochs"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {value!r}.")
@@ -120,6 +134,119 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.arch == "unet" and self.deep_supervision:
             self.deep_supervision = False  # U-Net has a single decoder column
+        self._check_model()
+        folder = self.images or self.masks or not (self.data == "synthetic" or self.data.startswith("tfds:"))
+        if self.crop_size and folder:
+            self.check_size(self.crop_size, "--crop-size")  # folder data trains on the crops
+        elif self.image_size:
+            self.check_size(self.image_size, "--image-size")
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the model sits on a keras.applications encoder (DeepLabV3+ always does)."""
+        return self.encoder is not None or self.arch == "deeplabv3plus"
+
+    def _check_model(self) -> None:
+        """Refuse model settings that contradict each other, naming the flags."""
+        if self.encoder is not None:
+            self.encoder = _encoder_key(self.encoder)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not 0.0 < self.finetune_lr_factor <= 1.0:
+            raise ValueError(
+                f"finetune_lr_factor must be in (0, 1] (it lowers the learning rate when the encoder unfreezes), "
+                f"got {self.finetune_lr_factor}."
+            )
+        if self.arch == "deeplabv3plus":
+            self._check_deeplab()
+        elif self.encoder is not None:
+            if self.preset:
+                raise ValueError(
+                    f"--preset {self.preset} is a configuration of the built-in encoder and cannot take "
+                    f"--encoder {self.encoder}; drop one of them."
+                )
+            depth = self.depth
+            if depth > 4:
+                raise ValueError(
+                    f"--depth {depth} is too deep for --encoder {self.encoder}: its feature maps stop at stride 32, "
+                    "which is depth 4; use --depth 4 or less."
+                )
+        if self.has_encoder and self.recompute:
+            raise ValueError(
+                "--recompute is for the built-in encoder; with --encoder train without it (or with a smaller "
+                "--batch-size, or --freeze-encoder-epochs, which keeps the encoder out of the backward pass)."
+            )
+        if not self.has_encoder:
+            for flag, value in (("--encoder-weights", self.encoder_weights),
+                                ("--freeze-encoder-epochs", self.freeze_encoder_epochs)):
+                if value:
+                    raise ValueError(f"{flag} needs an --encoder (e.g. --encoder resnet50) to load or freeze.")
+        if self.freeze_encoder_epochs > self.epochs:
+            raise ValueError(
+                f"--freeze-encoder-epochs {self.freeze_encoder_epochs} is more than the {self.epochs} --epochs; "
+                f"freeze for at most {self.epochs} epochs ({self.epochs} keeps the encoder frozen to the end)."
+            )
+
+    def _check_deeplab(self) -> None:
+        if self.deep_supervision:
+            raise ValueError(
+                "--deep-supervision needs UNet++ (one head per decoder column); DeepLabV3+ has a single head. "
+                "Drop --deep-supervision or use --arch unetpp."
+            )
+        if self.preset:
+            raise ValueError(f"--preset {self.preset} configures UNet++ and U-Net, not --arch deeplabv3plus; drop it.")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [name for name in ("depth", "filters", "upsampling", "l2") if getattr(self, name) != defaults[name]]
+        if unused:
+            given = ", ".join(f"--{name} {_flag_value(getattr(self, name))}" for name in unused)
+            raise ValueError(
+                f"--arch deeplabv3plus does not use {given}: they shape the UNet++ and U-Net decoders "
+                "(DeepLabV3+'s widths and rates are its own); drop them."
+            )
+
+    def size_multiple(self) -> int:
+        """What the training images' height and width must be divisible by: the model's downsampling.
+
+        2**depth for UNet++ and U-Net on their own encoder; 2**(depth + 1) on a pretrained encoder,
+        whose first map is at stride 2 (32 at depth 4); 16 for DeepLabV3+ (output stride 16).
+
+        Example:
+            >>> TrainConfig(encoder="resnet50").size_multiple()
+            32
+        """
+        if self.arch == "deeplabv3plus":
+            return DEEPLAB_OUTPUT_STRIDE
+        depth = self.depth
+        if self.preset:
+            from unetpp_tf.models.presets import PRESETS  # deferred: it imports Keras
+
+            depth = PRESETS.get(self.preset, {}).get("depth", depth)
+        return 2 ** (depth + (self.encoder is not None))
+
+    def check_size(self, size, given_as: str) -> None:
+        """Refuse a training image size the model cannot take, saying which sizes work.
+
+        Args:
+            size: tuple. (height, width).
+            given_as: str. Where the size came from, for the message (e.g. "--image-size").
+
+        Example:
+            >>> TrainConfig().check_size((100, 100), "--image-size")   # raises: use 96 or 112
+        """
+        multiple = self.size_multiple()
+        if all(int(s) % multiple == 0 for s in size):
+            return
+        if self.arch == "deeplabv3plus":
+            model = f"DeepLabV3+ (output stride {multiple})"
+        elif self.encoder is not None:
+            model = f"--encoder {self.encoder} under a depth-{self.depth} decoder"
+        else:
+            model = f"--depth {self.depth}"
+        fits = " ".join(str(max(multiple, round(int(s) / multiple) * multiple)) for s in size)
+        raise ValueError(
+            f"{given_as} {' '.join(str(s) for s in size)} does not fit the model: {model} downsamples {multiple}x, so "
+            f"height and width must be multiples of {multiple}; use e.g. {given_as} {fits}."
+        )
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict (tuples become lists)."""
@@ -148,6 +275,21 @@ class TrainConfig:
                 f"{source}: unknown setting(s) {', '.join(hints)}; valid settings are {', '.join(sorted(known))}."
             )
         return cls(**values)
+
+
+def _encoder_key(name: str) -> str:
+    """The `ENCODERS` key of an encoder name (any case, '-' or '_' allowed), or an error listing them."""
+    from unetpp_tf.models.encoders import ENCODERS, encoder_spec  # deferred: it imports Keras
+
+    try:
+        spec = encoder_spec(name)
+    except ValueError as error:
+        raise ValueError(f"--encoder: {error}") from None
+    return next(key for key, row in ENCODERS.items() if row is spec)
+
+
+def _flag_value(value) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def load_config(path) -> dict:

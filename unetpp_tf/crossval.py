@@ -33,6 +33,7 @@ from unetpp_tf.training import (
     CONFIG_FILE,
     SPLITS_FILE,
     as_config,
+    check_encoder_weights,
     finish_run,
     load_data,
     prepare_run_dir,
@@ -100,6 +101,7 @@ def train_folds(
     if config.folds < 2:
         raise ValueError(f"train_folds needs folds >= 2, got {config.folds}.")
     run = prepare_run_dir(config, resume, overwrite)
+    check_encoder_weights(config)
     started = time.time()
     data = load_data(config, splits=read_splits(run) if resume and (run / SPLITS_FILE).exists() else None)
     if not data.files:

@@ -25,6 +25,7 @@ Plain Keras works too: the datasets, losses and metrics are ordinary Keras objec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -64,7 +65,7 @@ from unetpp_tf.data import (
 from unetpp_tf.evaluation import evaluate
 from unetpp_tf.files import PARTIAL_PREFIX, temporary_name, write_json
 from unetpp_tf.inference import as_single_output
-from unetpp_tf.models import build_model, from_preset
+from unetpp_tf.models import build_model, encoder_layers, from_preset
 
 MIXED_PRECISION = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 MONITOR = "val_dice"
@@ -167,19 +168,125 @@ def model_from_config(
 
     Example:
         >>> model = model_from_config(TrainConfig(filters=8, depth=3), channels=1, num_classes=1)
+        >>> model = model_from_config(TrainConfig(encoder="mobilenetv2"), channels=3, num_classes=1)
     """
-    shape = dict(
-        input_shape=(None, None, channels), num_classes=num_classes, recompute=config.recompute,
-        preprocessing=preprocessing,
-    )
-    if config.arch == "unetpp":
-        shape["deep_supervision"] = config.deep_supervision
-    if config.preset:
-        return from_preset(config.preset, arch=config.arch, **shape)
-    return build_model(
-        config.arch, depth=config.depth, filters=config.filters, batch_norm=config.batch_norm,
-        bn_momentum=config.bn_momentum, dropout=config.dropout, l2=config.l2, upsampling=config.upsampling, **shape,
-    )
+    shape = dict(input_shape=(None, None, channels), num_classes=num_classes, preprocessing=preprocessing)
+    encoder = {key: value for key, value in (("encoder", config.encoder), ("encoder_weights", config.encoder_weights))
+               if value is not None}  # unset: the builder's default (DeepLabV3+: resnet50)
+    if config.arch == "deeplabv3plus":
+        dropout = {} if config.dropout is None else dict(dropout=config.dropout)
+        model = build_model(
+            config.arch, batch_norm=config.batch_norm, bn_momentum=config.bn_momentum, **dropout, **encoder, **shape
+        )
+    else:
+        shape["recompute"] = config.recompute
+        if config.arch == "unetpp":
+            shape["deep_supervision"] = config.deep_supervision
+        if config.preset:
+            return from_preset(config.preset, arch=config.arch, **shape)
+        model = build_model(
+            config.arch, depth=config.depth, filters=config.filters, batch_norm=config.batch_norm,
+            bn_momentum=config.bn_momentum, dropout=config.dropout or 0.0, l2=config.l2, upsampling=config.upsampling,
+            **encoder, **shape,
+        )
+    if config.has_encoder:
+        set_batch_norm_momentum(encoder_layers(model), config.bn_momentum)
+    return model
+
+
+def set_batch_norm_momentum(layers, momentum: float) -> int:
+    """Give the BatchNormalization layers among `layers` the decay `momentum`; returns how many.
+
+    keras.applications backbones keep their moving statistics with momentum 0.99 (ResNet,
+    EfficientNet, DenseNet) or 0.999 (MobileNetV2/V3), which average over 100 to 1000 steps: a
+    few hundred steps of fine-tuning (or of training from random weights) leave inference-mode
+    outputs far from training-mode ones. A run's `bn_momentum` (0.9, PyTorch's default, which
+    the peers fine-tune these encoders with) applies to the encoder as to the decoder.
+
+    Example:
+        >>> set_batch_norm_momentum(encoder_layers(model), 0.9)
+    """
+    changed = 0
+    for layer in layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            changed += 1
+    return changed
+
+
+def check_encoder_weights(config: TrainConfig) -> None:
+    """Refuse, before any data is read, an `encoder_weights` file that does not exist.
+
+    Example:
+        >>> check_encoder_weights(TrainConfig(encoder="resnet50", encoder_weights="resnet50.weights.h5"))
+    """
+    path = config.encoder_weights
+    if path is not None and path != "imagenet" and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--encoder-weights {path}: no such file; pass 'imagenet', the path of a Keras weights file of the "
+            "encoder (written by save_weights, or the file keras.applications downloads), or leave it unset "
+            "for random initialization."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs trained with one optimizer and one set of trainable layers.
+
+    Attributes:
+        name: str. "train" (a run that never freezes), "frozen_encoder" or "fine_tune".
+        first_epoch: int. Its first epoch, 0-based.
+        end_epoch: int. One past its last epoch.
+        learning_rate: float. The peak learning rate of its schedule.
+        encoder_frozen: bool. Whether the encoder's layers are frozen.
+    """
+
+    name: str
+    first_epoch: int
+    end_epoch: int
+    learning_rate: float
+    encoder_frozen: bool = False
+
+
+def training_phases(config: TrainConfig) -> list[Phase]:
+    """The phases of a run: one, or with `freeze_encoder_epochs` = N a frozen phase then fine-tuning.
+
+    Epochs 1..N train the decoder on the frozen encoder (its BatchNorm layers in inference
+    mode) at `learning_rate`; the remaining epochs train every layer at `learning_rate *
+    finetune_lr_factor` with a fresh optimizer. Each phase has its own warm-up and cosine decay.
+
+    Example:
+        >>> [p.name for p in training_phases(TrainConfig(encoder="resnet50", freeze_encoder_epochs=3))]
+        ['frozen_encoder', 'fine_tune']
+    """
+    frozen = config.freeze_encoder_epochs
+    if not frozen:
+        return [Phase("train", 0, config.epochs, config.learning_rate)]
+    phases = [Phase("frozen_encoder", 0, frozen, config.learning_rate, encoder_frozen=True)]
+    if frozen < config.epochs:
+        phases.append(Phase("fine_tune", frozen, config.epochs, config.learning_rate * config.finetune_lr_factor))
+    return phases
+
+
+@contextlib.contextmanager
+def layers_trainable(layers):
+    """Make `layers` trainable inside the block and put their previous state back after.
+
+    A model saved during a frozen phase is written this way, so the file records the model,
+    not the phase of training it was in.
+
+    Example:
+        >>> with layers_trainable(encoder_layers(model)):
+        ...     model.save("model.keras")
+    """
+    states = [layer.trainable for layer in layers]
+    for layer in layers:
+        layer.trainable = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, states):
+            layer.trainable = state
 
 
 def intensity_percentiles(dataset, percentiles=(1.0, 99.0, 99.8), max_pixels: int = 4_000_000) -> dict:
@@ -309,8 +416,7 @@ def _loss(config: TrainConfig, num_classes: int) -> keras.losses.Loss:
     return losses_module.get(name)
 
 
-def _optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-    rate = config.learning_rate
+def _optimizer(config: TrainConfig, total_steps: int, rate: float) -> keras.optimizers.Optimizer:
     if config.schedule == "cosine":
         warmup = min(config.warmup_steps, total_steps // 2)
         rate = keras.optimizers.schedules.CosineDecay(
@@ -401,6 +507,24 @@ class ValidationDice(keras.callbacks.Callback):
         if logs is not None:
             metrics = evaluate(self.scored, self.dataset, num_classes=self.num_classes)["metrics"]
             logs["val_dice"], logs["val_iou"] = metrics["dice"], metrics["iou"]
+
+
+class PhaseRecord(keras.callbacks.Callback):
+    """Log `encoder_frozen` (1 or 0) with every epoch, so history.csv shows where the encoder unfroze.
+
+    Place it before the callbacks that write the logs.
+
+    Example:
+        >>> callbacks = [PhaseRecord(encoder_frozen=True), HistoryFile(run / "history.csv")]
+    """
+
+    def __init__(self, encoder_frozen: bool):
+        super().__init__()
+        self.encoder_frozen = encoder_frozen
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["encoder_frozen"] = float(self.encoder_frozen)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -587,6 +711,14 @@ def train(
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
     run = prepare_run_dir(config, resume, overwrite)
+    if not (resume and (run / BACKUP_DIR).exists()):  # a resumed run takes its weights from the backup
+        check_encoder_weights(config)
+    if config.freeze_encoder_epochs and config.encoder_weights is None:
+        warnings.warn(
+            "--freeze-encoder-epochs with a randomly initialized encoder (no --encoder-weights): the frozen "
+            "epochs train the decoder on random features.",
+            stacklevel=2,
+        )
     if resume and splits is None and (run / SPLITS_FILE).exists():
         splits = read_splits(run)
     with training_policy(config):
@@ -693,32 +825,26 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     schedule = training_schedule(config, data.counts["train"] - data.counts["train"] % replicas)
     if schedule["note"]:
         logger.info(schedule["note"])
-    preprocessing = preprocessing_for(config, data)
+    preprocessing = _measure(config, data)
     state = read_backup(run / BACKUP_DIR) if resume else None
     with strategy.scope():
-        model = model_from_config(config, data.channels, data.num_classes, preprocessing)
-        trainer = _compiled_trainer(config, model, data.num_classes, schedule["total_steps"])
-        if state:
-            restore_variables(trainer, run / BACKUP_DIR, state)
+        # a resumed run's weights come from its backup: the encoder's initial weights are not loaded again
+        built = dataclasses.replace(config, encoder_weights=None) if state else config
+        model = model_from_config(built, data.channels, data.num_classes, preprocessing)
+        trainer = AugmentedModel(model, make_augmenter(config)) if config.augment == "device" else model
     _clean_run_dir(run, resume)
     start = state["epoch"] if state else 0
+    phases = training_phases(config)
+    freezable = encoder_layers(model) if config.freeze_encoder_epochs else []
+    if config.freeze_encoder_epochs and not freezable:
+        raise ValueError(f"--freeze-encoder-epochs: model {model.name!r} has no encoder layers to freeze.")
     nan_guard = StopOnNaN()
     best = state["best"] if state else -math.inf
-    checkpoint = BestModelCheckpoint(model, run / "model.keras", MONITOR, run / "best.json", best=best)
-    stateful = _stateful_callbacks(config)
+    checkpoint = BestModelCheckpoint(
+        model, run / "model.keras", MONITOR, run / "best.json", best=best, saving=lambda: layers_trainable(freezable)
+    )
     scoring = [ValidationDice(model, val_set, data.num_classes)] if len(model.outputs) > 1 else []
-    callbacks = [
-        *scoring,  # first: the callbacks below read the val_dice it adds
-        nan_guard,
-        HistoryFile(run / "history.csv", start_epoch=start),
-        checkpoint,
-        *stateful.values(),
-        RunBackup(  # after the others: an epoch counts once all they write is written
-            run / BACKUP_DIR, stateful, best=lambda: checkpoint.best,
-            skip=lambda: nan_guard.where is not None, restored=state,
-        ),
-        *extra,
-    ]
+    history_file = HistoryFile(run / "history.csv", start_epoch=start)
     started = time.time()
     run.mkdir(parents=True, exist_ok=True)  # only now: a bad setting above leaves no directory
     write_json(run / CONFIG_FILE, config.to_dict())
@@ -728,15 +854,49 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         if skipped:
             logger.info(f"skipped {len(skipped)} invalid image/mask pair(s), listed in {run / SPLITS_FILE}")
     steps = schedule["steps_per_epoch"]
-    # One stream of batches for the whole run; a resumed run skips the batches the finished
-    # epochs used, so the shuffles, random crops and host augmentation continue where they stopped.
-    stream = train_set.repeat().skip(start * steps)
-    stream, val_set = targets_per_head(stream, model), targets_per_head(val_set, model)
-    if start < config.epochs and not (state or {}).get("stopped"):
+    val_set = targets_per_head(val_set, model)
+    stopped = bool((state or {}).get("stopped"))
+    for phase in phases:
+        if phase.end_epoch <= start or stopped or nan_guard.where is not None:
+            continue
+        first = max(start, phase.first_epoch)
+        with strategy.scope():
+            for layer in freezable:
+                layer.trainable = not phase.encoder_frozen
+            _compile(trainer, config, model, data.num_classes, (phase.end_epoch - phase.first_epoch) * steps,
+                     phase.learning_rate)
+            restored = None
+            if state and first == start:  # the phase this resumed run continues
+                same_phase = state.get("phase", "train") == phase.name
+                # at the boundary the backup holds the previous phase's optimizer: this phase starts a fresh one
+                restore_variables(trainer, run / BACKUP_DIR, state, optimizer=same_phase)
+                restored = state if same_phase else None
+        if config.freeze_encoder_epochs:
+            logger.info(_phase_note(phase, first, config, len(freezable)))
+        stateful = _stateful_callbacks(config, last_phase=phase is phases[-1])
+        callbacks = [
+            *scoring,  # first: the callbacks below read the val_dice it adds
+            *([PhaseRecord(phase.encoder_frozen)] if config.freeze_encoder_epochs else []),
+            nan_guard,
+            history_file,
+            checkpoint,
+            *stateful.values(),
+            RunBackup(  # after the others: an epoch counts once all they write is written
+                run / BACKUP_DIR, stateful, best=lambda: checkpoint.best,
+                skip=lambda: nan_guard.where is not None, restored=restored, phase=phase.name,
+            ),
+            *extra,
+        ]
+        # One stream of batches for the whole run: each phase (and a resumed run) reads a fresh copy
+        # of the training split and skips the batches of the epochs before it, so the shuffles,
+        # random crops and host augmentation continue where they stopped.
+        phase_train = train_set if first == start else _fresh_train_set(config, data, replicas)
+        stream = targets_per_head(phase_train.repeat().skip(first * steps), model)
         trainer.fit(
-            stream, validation_data=val_set, epochs=config.epochs, initial_epoch=start, steps_per_epoch=steps,
+            stream, validation_data=val_set, epochs=phase.end_epoch, initial_epoch=first, steps_per_epoch=steps,
             callbacks=callbacks, verbose=verbose, shuffle=False,
         )
+        stopped = bool(trainer.stop_training)
     if nan_guard.where is not None:
         epoch, batch = nan_guard.where
         if (run / "model.keras").exists():
@@ -755,32 +915,67 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         "schedule": {k: v for k, v in schedule.items() if k != "note"},
         "preprocessing": preprocessing,
     }
+    if config.freeze_encoder_epochs:
+        record["phases"] = [
+            {"name": p.name, "epochs": [p.first_epoch + 1, p.end_epoch],
+             "learning_rate": float(f"{p.learning_rate:.12g}"), "encoder_frozen": p.encoder_frozen}
+            for p in phases
+        ]
     finish_run(config, data, run, record, history)
     _remove_backup(run)  # last: until metrics.json is written, a resume can finish the run
     return history
 
 
-def _compiled_trainer(config: TrainConfig, model: keras.Model, num_classes: int, total_steps: int) -> keras.Model:
-    """The model `fit` runs (wrapped for device augmentation), compiled, its optimizer built."""
+def _phase_note(phase: Phase, first: int, config: TrainConfig, layers: int) -> str:
+    """The log line that announces a phase of a run with a frozen start."""
+    epochs = f"epochs {first + 1}-{phase.end_epoch}" if phase.end_epoch > first + 1 else f"epoch {first + 1}"
+    if phase.encoder_frozen:
+        return (f"{epochs}: encoder frozen ({layers} layers, BatchNorm in inference mode), training the decoder "
+                f"at learning rate {phase.learning_rate:g}")
+    return (f"{epochs}: encoder unfrozen, fine-tuning every layer at learning rate {phase.learning_rate:g} "
+            f"({config.finetune_lr_factor:g} x --learning-rate)")
+
+
+def _measure(config: TrainConfig, data: SegmentationData) -> dict:
+    """What a run does with newly opened data before its first batch: measure the training split
+    for the model's preprocessing. Reading the split draws its first shuffle, so every training
+    stream starts after this step, in a new process as in `_fresh_train_set`."""
+    return preprocessing_for(config, data)
+
+
+def _fresh_train_set(config: TrainConfig, data: SegmentationData, replicas: int):
+    """The training split opened again as a new (resumed) process opens it, so its random streams
+    (shuffles, crops, host augmentation) are where a resumed run finds them."""
+    splits = {split: data.files[split] for split in ("train", "val", "test")} if data.files else None
+    fresh = load_data(config, splits=splits)
+    _measure(config, fresh)
+    return replica_batches(fresh, config.batch_size, replicas)[0]
+
+
+def _compile(trainer: keras.Model, config: TrainConfig, model: keras.Model, num_classes: int, total_steps: int,
+             rate: float) -> None:
+    """Compile the model `fit` runs (`model` or its augmenting wrapper) for a phase; build its optimizer."""
     final = model.output_names[-1]
     scores = [metrics_module.Dice(num_classes=num_classes), metrics_module.IoU(num_classes=num_classes)]
-    trainer = AugmentedModel(model, make_augmenter(config)) if config.augment == "device" else model
     trainer.compile(
-        optimizer=_optimizer(config, total_steps),
+        optimizer=_optimizer(config, total_steps, rate),
         loss=_loss(config, num_classes),
         metrics={final: scores} if len(model.outputs) > 1 else scores,
         jit_compile=use_xla(config.xla),
     )
     trainer.optimizer.build(trainer.trainable_variables)  # now, so a backup can fill it before fit
-    return trainer
 
 
-def _stateful_callbacks(config: TrainConfig) -> dict:
-    """The schedule and stopping callbacks a run's settings ask for, by the name their backup state uses."""
+def _stateful_callbacks(config: TrainConfig, last_phase: bool = True) -> dict:
+    """The schedule and stopping callbacks of a phase, by the name their backup state uses.
+
+    Each phase starts them afresh; early stopping watches the last phase only (after a frozen
+    start, the fine-tuning epochs).
+    """
     stateful = {}
     if config.schedule == "plateau":
         stateful["plateau"] = keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=3, min_lr=1e-6)
-    if config.early_stopping:
+    if config.early_stopping and last_phase:
         stateful["early_stopping"] = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=config.early_stopping)
     return stateful
 
@@ -825,7 +1020,7 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
     figures = run / "figures"
     figures.mkdir(exist_ok=True)
     if history:
-        viz.plot_history(history, path=figures / "curves.png")
+        viz.plot_history({k: v for k, v in history.items() if k != "encoder_frozen"}, path=figures / "curves.png")
     images, masks = next(iter(data.test))
     probabilities = as_single_output(best).predict(images, verbose=0)
     viz.plot_predictions(images, masks, probabilities, path=figures / "predictions.png")
