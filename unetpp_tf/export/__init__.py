@@ -8,8 +8,9 @@ agrees with Keras does it swap the staging folder in as `output_dir`, with
 `export_report.json`. Any failure, or a kill, leaves `output_dir` as it was.
 
 The package holds one concern per module: `exporter` (`export_model`), `conversion`
-(SavedModel signatures, TFLite conversion, embedded settings), `parity` (agreement and
-thresholds) and `report` (`format_report`). The runners of exported files live in
+(SavedModel signatures, TFLite conversion, embedded settings), `operators` (what a TFLite
+file computes: its operators, any that are not builtins, those an int8 file runs in float),
+`parity` (agreement and thresholds) and `report` (`format_report`). The runners of exported files live in
 `unetpp_tf.runners` and are re-exported here.
 
 Artifacts (`stem` is "model", or "model_L{level}" for a pruned head):
@@ -41,6 +42,11 @@ size and resize policy that `predict_files` follows): a SavedModel in
 `assets.extra/unetpp_tf.json`, a TFLite file as flatbuffer metadata named "unetpp_tf"; the
 runners expose them as `.metadata` and `.preprocessing`.
 
+Conversion allows TFLite builtin operators only (unless `allow_flex=True`), and the report
+lists each TFLite file's operators: "ops", "custom_ops" (not builtins: [] unless Flex was
+allowed) and, for int8, "float_ops", the operators the converter left in float (ConvNeXt's
+LayerNormalization leaves NEG; MobileNetV3, EfficientNet and ResNet encoders leave none).
+
 Example:
     >>> report = export_model(model, "export", quantize=("none", "int8"),
     ...                       calibration=data.val, samples=data.test)
@@ -48,6 +54,7 @@ Example:
 """
 
 from unetpp_tf.export.exporter import FORMATS, QUANTIZATIONS, export_model
+from unetpp_tf.export.operators import operator_summary
 from unetpp_tf.export.parity import DEFAULT_THRESHOLDS
 from unetpp_tf.export.report import REPORT_NAME, format_report
 from unetpp_tf.runners import METADATA_NAME, METADATA_PATH, SavedModelRunner, TFLiteModel
@@ -63,4 +70,5 @@ __all__ = [
     "TFLiteModel",
     "export_model",
     "format_report",
+    "operator_summary",
 ]

@@ -23,6 +23,7 @@ from unetpp_tf.export.conversion import (
     write_saved_model,
     write_tflite_source,
 )
+from unetpp_tf.export.operators import operator_summary
 from unetpp_tf.export.parity import (
     agreement,
     collect_images,
@@ -106,7 +107,9 @@ def export_model(
     Returns:
         dict: the report also written to `output_dir/export_report.json`:
         {"artifacts": [{"name", "path", "format", "quantize", "size_bytes",
-        "dice_agreement", "max_abs_diff", "latency_ms", "threshold"}, ...],
+        "dice_agreement", "max_abs_diff", "latency_ms", "threshold", "ops", "custom_ops",
+        "float_ops"}, ...], where a TFLite entry lists its operators, the ones that are not
+        TFLite builtins, and for int8 those left in float (`operators.operator_summary`),
         "image_size", "mode", "level", "num_classes", "parity_images",
         "keras_latency_ms"}.
 
@@ -147,10 +150,13 @@ def export_model(
         stem = "model" if level is None else f"model_L{level}"
         artifacts = []
 
-        def check(name, file_name, fmt, quant, runner):
+        def check(name, file_name, fmt, quant, runner, operators=None):
             """Add the report entry of staging/file_name, with its parity measured when it can run."""
             threshold = bars[quant if fmt == "tflite" else fmt]
             entry = artifact_entry(name, output_dir / file_name, staging / file_name, fmt, quant, threshold)
+            if operators is not None:
+                entry.update(ops=operators["ops"], custom_ops=operators["custom_ops"],
+                             float_ops=operators["float_ops"] if quant == "int8" else None)
             run = runner(staging / file_name) if parity else None
             if run is not None:
                 outputs, latency = timed(run, parity)
@@ -179,7 +185,8 @@ def export_model(
                 name = f"{stem}_{FILE_DTYPE[quant]}"
                 content = with_tflite_metadata(convert_to_tflite(source, quant, representative, allow_flex), metadata)
                 write_tflite(staging / f"{name}.tflite", content)
-                check(name, f"{name}.tflite", "tflite", quant, _tflite_runner(allow_flex, num_threads))
+                check(name, f"{name}.tflite", "tflite", quant, _tflite_runner(allow_flex, num_threads),
+                      operator_summary(content))
             shutil.rmtree(source)
 
         report = export_report(artifacts, size, mode, level, int(single.output_shape[-1]), len(parity), keras_ms)

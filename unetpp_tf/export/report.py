@@ -27,6 +27,10 @@ def size_bytes(path: Path) -> int:
 def artifact_entry(name: str, path: Path, staged: Path, fmt: str, quantize: str, threshold: float) -> dict:
     """A report entry for one artifact, before its parity run (agreement, diff, latency None).
 
+    A TFLite entry gets its operators afterwards (`unetpp_tf.export.operators.operator_summary`):
+    "ops", "custom_ops" (not TFLite builtins) and "float_ops" (for an int8 file, the operators the
+    converter left in float); they stay None for the other formats.
+
     Args:
         name: str. The artifact's name, e.g. "model_int8".
         path: Path. Where it will live in the output folder.
@@ -48,6 +52,9 @@ def artifact_entry(name: str, path: Path, staged: Path, fmt: str, quantize: str,
         "max_abs_diff": None,
         "latency_ms": None,
         "threshold": threshold,
+        "ops": None,
+        "custom_ops": None,
+        "float_ops": None,
     }
 
 
@@ -77,7 +84,8 @@ def format_report(report: dict) -> str:
         report: dict. What `export_model` returns (or `export_report.json` holds).
 
     Returns:
-        str: a header line and one row per artifact.
+        str: a header line, one row per artifact, and a line under the table for each TFLite file
+        that needs more than the builtin TFLite runtime or is int8 with operators left in float.
 
     Example:
         >>> print(format_report(export_model(model, "export", samples=data.test)))
@@ -111,7 +119,20 @@ def format_report(report: dict) -> str:
     for row in rows:
         cells = (str(v).ljust(w) if i < 3 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + _operator_notes(report["artifacts"]))
+
+
+def _operator_notes(artifacts: list) -> list[str]:
+    """Lines about TFLite files that are not builtin-only, or int8 files not integer-only."""
+    notes = []
+    for a in artifacts:
+        if a.get("custom_ops"):
+            notes.append(f"{a['name']}: needs non-builtin op(s) {', '.join(a['custom_ops'])} "
+                         "(the app must link the Flex delegate or those custom kernels).")
+        if a.get("quantize") == "int8" and a.get("float_ops"):
+            notes.append(f"{a['name']}: {', '.join(a['float_ops'])} run(s) in float between int8 ops "
+                         "(DEQUANTIZE/QUANTIZE around them): fine on CPU, not for integer-only accelerators.")
+    return notes
 
 
 def _human_bytes(count: int) -> str:
