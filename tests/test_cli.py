@@ -131,3 +131,13 @@ def test_resume_takes_the_runs_recorded_settings(tmp_path, capsys):
     (tmp_path / "r" / "metrics.json").unlink()
     assert main(["train", "--resume", "--epochs", "3", *flags]) == 2
     assert "(epochs: 2 -> 3)" in capsys.readouterr().err
+
+
+def test_summary_of_encoder_models(capsys):
+    assert main(["summary", "--encoder", "mobilenetv3small", "--depth", "2", "--filters", "4", "--input-size",
+                 "32"]) == 0
+    expected = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, encoder="mobilenetv3small").count_params()
+    assert f"unetpp: {expected:,} parameters, 1 output(s)" in capsys.readouterr().out
+    assert main(["summary", "--arch", "deeplabv3plus", "--encoder", "mobilenetv3small", "--input-size", "32"]) == 0
+    expected = unetpp_tf.build_deeplabv3plus((32, 32, 1), encoder="mobilenetv3small").count_params()
+    assert f"deeplabv3plus: {expected:,} parameters, 1 output(s)" in capsys.readouterr().out

@@ -213,6 +213,34 @@ def test_cli_trains_evaluates_prunes_and_predicts_an_encoder_model(tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["cell0.png", "cell1.png", "cell2.png"]
 
 
+def _folder(root, count):
+    """Image/mask PNG pairs under root/images and root/masks."""
+    for part in ("images", "masks"):
+        (root / part).mkdir(parents=True)
+    for k in range(count):
+        image, mask = (t.numpy()[..., 0] for t in unetpp_tf.data.synthetic_sample(k, seed=3, image_size=(32, 32)))
+        Image.fromarray((image * 255).astype(np.uint8)).save(root / "images" / f"tile{k}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"tile{k}.png")
+    return root
+
+
+def test_cross_validation_fine_tunes_each_fold_and_serves_their_ensemble(tmp_path):
+    data = _folder(tmp_path / "data", 20)
+    config = dict(TINY, data=str(data), output_dir=str(tmp_path), name="cv", folds=2, epochs=2,
+                  freeze_encoder_epochs=1, batch_size=4)
+    with pytest.warns(UserWarning, match="randomly initialized"):
+        run, histories = train(config, verbose=0)
+    assert {name: history["encoder_frozen"] for name, history in histories.items()} == {
+        "fold_1": [1.0, 0.0], "fold_2": [1.0, 0.0]}
+    folds = [keras.models.load_model(run / f"fold_{k}" / "model.keras") for k in (1, 2)]
+    assert all(layer.trainable for model in folds for layer in encoder_layers(model))
+    images = np.random.default_rng(1).random((2, 32, 32, 1), dtype=np.float32)
+    expected = np.mean([model.predict(images, verbose=0) for model in folds], axis=0)
+    ensemble = unetpp_tf.load_model(run / "model.keras")
+    np.testing.assert_allclose(ensemble.predict(images, verbose=0), expected, atol=1e-5)
+    assert json.loads((run / "metrics.json").read_text())["cross_validation"]["folds"][1]["fold"] == 2
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
