@@ -284,6 +284,16 @@ def test_the_size_check_agrees_with_the_built_model(settings):
     assert config.size_multiple() == size_divisor(model_from_config(config, channels=1, num_classes=1))
 
 
+def test_the_size_check_is_made_for_training_and_names_the_crop_size_of_folder_data():
+    config = TrainConfig(image_size=(36, 36))  # how `evaluate` describes data for a depth-2 model from elsewhere
+    with pytest.raises(ValueError, match=r"^--image-size 36 36 does not fit the model: --depth 4 downsamples 16x"):
+        config.check_training_size()
+    folder = TrainConfig(data="some/folder", crop_size=(40, 40), encoder=ENCODER)
+    with pytest.raises(ValueError, match=r"^--crop-size 40 40 .* multiples of 32; use e\.g\. --crop-size 32 32\.$"):
+        folder.check_training_size()
+    TrainConfig(crop_size=(40, 40), encoder=ENCODER).check_training_size()  # synthetic data does not crop
+
+
 def _dropout_rates(model):
     return [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
 

@@ -135,11 +135,6 @@ class TrainConfig:
         if self.arch == "unet" and self.deep_supervision:
             self.deep_supervision = False  # U-Net has a single decoder column
         self._check_model()
-        folder = self.images or self.masks or not (self.data == "synthetic" or self.data.startswith("tfds:"))
-        if self.crop_size and folder:
-            self.check_size(self.crop_size, "--crop-size")  # folder data trains on the crops
-        elif self.image_size:
-            self.check_size(self.image_size, "--image-size")
 
     @property
     def has_encoder(self) -> bool:
@@ -223,6 +218,18 @@ class TrainConfig:
             depth = PRESETS.get(self.preset, {}).get("depth", depth)
         return 2 ** (depth + (self.encoder is not None))
 
+    def check_training_size(self) -> None:
+        """Refuse an `image_size` (or a folder's `crop_size`) the model cannot train on, saying which sizes work.
+
+        Example:
+            >>> TrainConfig(encoder="resnet50", image_size=(100, 100)).check_training_size()   # raises
+        """
+        folder = self.images or self.masks or not (self.data == "synthetic" or self.data.startswith("tfds:"))
+        if self.crop_size and folder:
+            self.check_size(self.crop_size, "--crop-size")  # folder data trains on the crops
+        elif self.image_size:
+            self.check_size(self.image_size, "--image-size")
+
     def check_size(self, size, given_as: str) -> None:
         """Refuse a training image size the model cannot take, saying which sizes work.
 
@@ -231,7 +238,7 @@ class TrainConfig:
             given_as: str. Where the size came from, for the message (e.g. "--image-size").
 
         Example:
-            >>> TrainConfig().check_size((100, 100), "--image-size")   # raises: use 96 or 112
+            >>> TrainConfig().check_size((100, 100), "--image-size")   # raises: ... use e.g. --image-size 96 96
         """
         multiple = self.size_multiple()
         if all(int(s) % multiple == 0 for s in size):

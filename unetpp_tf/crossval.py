@@ -101,6 +101,7 @@ def train_folds(
     if config.folds < 2:
         raise ValueError(f"train_folds needs folds >= 2, got {config.folds}.")
     run = prepare_run_dir(config, resume, overwrite)
+    config.check_training_size()
     check_encoder_weights(config)
     started = time.time()
     data = load_data(config, splits=read_splits(run) if resume and (run / SPLITS_FILE).exists() else None)

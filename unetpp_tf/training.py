@@ -18,6 +18,12 @@ instant resumes: `train(config, resume=True)` continues from the last finished e
 weights, optimizer, schedule position, callback counters and input stream of that epoch, and
 ends with the same weights as a run that was never interrupted (one device, same seed).
 
+A run over a pretrained encoder with `freeze_encoder_epochs` = N trains in two phases
+(`training_phases`): epochs 1..N the decoder alone, the encoder frozen with its BatchNorm in
+inference mode; then every layer with a fresh optimizer at `finetune_lr_factor` times the
+learning rate. history.csv gets an `encoder_frozen` column (1, then 0), metrics.json the
+phases, and the log a line where each begins; a resumed run continues in its phase.
+
 Plain Keras works too: the datasets, losses and metrics are ordinary Keras objects, so
 `model.fit(data.train, validation_data=data.val)` needs nothing from this module.
 """
@@ -158,6 +164,9 @@ def model_from_config(
     config: TrainConfig, channels: int, num_classes: int, preprocessing: dict | None = None
 ) -> keras.Model:
     """Build the model a configuration describes, for `channels` inputs and `num_classes`.
+
+    UNet++ and U-Net on their own encoder or a pretrained one, or DeepLabV3+. An encoder's
+    BatchNorm layers take the run's `bn_momentum` as the decoder's do (`set_batch_norm_momentum`).
 
     Args:
         config: TrainConfig. The model settings.
@@ -711,6 +720,7 @@ def train(
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
     run = prepare_run_dir(config, resume, overwrite)
+    config.check_training_size()
     if not (resume and (run / BACKUP_DIR).exists()):  # a resumed run takes its weights from the backup
         check_encoder_weights(config)
     if config.freeze_encoder_epochs and config.encoder_weights is None:
@@ -825,7 +835,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     schedule = training_schedule(config, data.counts["train"] - data.counts["train"] % replicas)
     if schedule["note"]:
         logger.info(schedule["note"])
-    preprocessing = _measure(config, data)
+    preprocessing = preprocessing_for(config, data)  # reads the training split (see _fresh_train_set)
     state = read_backup(run / BACKUP_DIR) if resume else None
     with strategy.scope():
         # a resumed run's weights come from its backup: the encoder's initial weights are not loaded again
@@ -936,19 +946,16 @@ def _phase_note(phase: Phase, first: int, config: TrainConfig, layers: int) -> s
             f"({config.finetune_lr_factor:g} x --learning-rate)")
 
 
-def _measure(config: TrainConfig, data: SegmentationData) -> dict:
-    """What a run does with newly opened data before its first batch: measure the training split
-    for the model's preprocessing. Reading the split draws its first shuffle, so every training
-    stream starts after this step, in a new process as in `_fresh_train_set`."""
-    return preprocessing_for(config, data)
-
-
 def _fresh_train_set(config: TrainConfig, data: SegmentationData, replicas: int):
     """The training split opened again as a new (resumed) process opens it, so its random streams
-    (shuffles, crops, host augmentation) are where a resumed run finds them."""
+    (shuffles, crops, host augmentation) are where a resumed run finds them.
+
+    Each iterator over a split draws the next shuffle order, and `_fit` reads newly opened data
+    once (`preprocessing_for` measures it) before its training stream: so does this.
+    """
     splits = {split: data.files[split] for split in ("train", "val", "test")} if data.files else None
     fresh = load_data(config, splits=splits)
-    _measure(config, fresh)
+    preprocessing_for(config, fresh)
     return replica_batches(fresh, config.batch_size, replicas)[0]
 
 
