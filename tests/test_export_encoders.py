@@ -10,6 +10,7 @@ import tensorflow as tf
 import unetpp_tf
 from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model, format_report, operator_summary
 from unetpp_tf.export.operators import tflite_operators
+from unetpp_tf.export.rewrites import tflite_friendly
 
 # encoder, input channels, depth (deep enough to reach the blocks that bring the ops), ops the file
 # must hold, ops it must not hold
@@ -17,7 +18,7 @@ FAMILIES = {
     "mobilenetv3large": ("mobilenetv3large", 3, 2, {"HARD_SWISH", "MEAN", "DEPTHWISE_CONV_2D"}, set()),
     "efficientnetb0-gray": ("efficientnetb0", 1, 2, {"LOGISTIC", "MUL", "MEAN", "DEPTHWISE_CONV_2D"}, set()),
     "efficientnetv2b0": ("efficientnetv2b0", 3, 3, {"LOGISTIC", "MUL", "MEAN"}, set()),
-    "convnexttiny": ("convnexttiny", 3, 2, {"GELU", "MEAN", "SQUARED_DIFFERENCE", "RSQRT"}, set()),
+    "convnexttiny": ("convnexttiny", 3, 2, {"GELU", "MEAN", "SQUARED_DIFFERENCE", "RSQRT", "SUB"}, {"NEG"}),
     "resnet50": ("resnet50", 3, 2, {"REVERSE_V2", "MAX_POOL_2D"}, set()),  # caffe mode: RGB -> BGR
     "resnet50-gray": ("resnet50", 1, 2, {"MAX_POOL_2D"}, {"REVERSE_V2"}),  # no channel order to flip
 }
@@ -122,11 +123,10 @@ def test_phone_model_int8_is_integer_only_and_agrees(encoder, channels, quantize
 
 def test_report_names_ops_left_in_float_and_non_builtin_ops(tmp_path, rng):
     inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.LayerNormalization()(x)  # Keras computes -mean * inv: NEG has no int8 kernel, stays float
+    x = keras.layers.Lambda(lambda t: -t)(keras.layers.Conv2D(4, 3, padding="same")(inputs))  # no int8 NEG
     model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
     images = [rng.random((4, 8, 8, 1), dtype=np.float32)]
-    report = export_model(model, tmp_path / "ln", formats="tflite", quantize="int8", calibration=images,
+    report = export_model(model, tmp_path / "neg", formats="tflite", quantize="int8", calibration=images,
                           thresholds={"int8": 0.0})
     assert report["artifacts"][0]["float_ops"] == ["NEG"] and report["artifacts"][0]["custom_ops"] == []
     assert "model_int8: NEG run(s) in float between int8 ops" in format_report(report)
@@ -136,6 +136,27 @@ def test_report_names_ops_left_in_float_and_non_builtin_ops(tmp_path, rng):
         report = export_model(flex, tmp_path / "flex", formats="tflite", samples=images, allow_flex=True)
     assert report["artifacts"][0]["custom_ops"] == ["FlexCumprod"]
     assert "model_float32: needs non-builtin op(s) FlexCumprod" in format_report(report)
+
+
+def test_layer_normalization_is_rewritten_so_int8_stays_integer(tmp_path, rng):
+    inputs = keras.Input((8, 8, 1))
+    block = keras.Sequential([keras.layers.LayerNormalization(), keras.layers.Conv2D(4, 1)], name="block")
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(block(x)))
+    for layer in (model.layers[2], block.layers[0]):  # non-trivial gamma and beta
+        layer.set_weights([rng.uniform(0.5, 2.0, 4).astype("float32"), rng.normal(size=4).astype("float32")])
+    assert tflite_friendly(unetpp_tf.build_unetpp((8, 8, 1), depth=1, filters=2)).name == "unetpp"  # unchanged
+    friendly = tflite_friendly(model)
+    names = [type(layer).__name__ for layer in friendly.layers + friendly.get_layer("block").layers]
+    assert names.count("SubtractMeanLayerNormalization") == 2 and "LayerNormalization" not in names
+    images = [rng.random((8, 8, 8, 1), dtype=np.float32)]
+    report = export_model(model, tmp_path, formats="tflite", quantize=("none", "int8"), calibration=images,
+                          thresholds={"int8": 0.0})
+    float32, int8 = report["artifacts"]
+    assert float32["max_abs_diff"] < 1e-5 and "NEG" not in float32["ops"] and "SUB" in float32["ops"]
+    assert int8["float_ops"] == [] and "NEG" not in int8["ops"]
+    np.testing.assert_allclose(TFLiteModel(tmp_path / "model_float32.tflite").predict(images[0]),
+                               model.predict(images[0], verbose=0), atol=1e-5)
 
 
 def test_saved_model_round_trip_of_an_encoder_model(tmp_path):

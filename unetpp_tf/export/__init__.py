@@ -10,7 +10,8 @@ agrees with Keras does it swap the staging folder in as `output_dir`, with
 The package holds one concern per module: `exporter` (`export_model`), `conversion`
 (SavedModel signatures, TFLite conversion, embedded settings), `operators` (what a TFLite
 file computes: its operators, any that are not builtins, those an int8 file runs in float),
-`parity` (agreement and thresholds) and `report` (`format_report`). The runners of exported files live in
+`rewrites` (the TFLite-friendly copy of a model), `parity` (agreement and thresholds) and
+`report` (`format_report`). The runners of exported files live in
 `unetpp_tf.runners` and are re-exported here.
 
 Artifacts (`stem` is "model", or "model_L{level}" for a pruned head):
@@ -42,10 +43,13 @@ size and resize policy that `predict_files` follows): a SavedModel in
 `assets.extra/unetpp_tf.json`, a TFLite file as flatbuffer metadata named "unetpp_tf"; the
 runners expose them as `.metadata` and `.preprocessing`.
 
-Conversion allows TFLite builtin operators only (unless `allow_flex=True`), and the report
-lists each TFLite file's operators: "ops", "custom_ops" (not builtins: [] unless Flex was
-allowed) and, for int8, "float_ops", the operators the converter left in float (ConvNeXt's
-LayerNormalization leaves NEG; MobileNetV3, EfficientNet and ResNet encoders leave none).
+Conversion allows TFLite builtin operators only (unless `allow_flex=True`); swish,
+hard-swish, squeeze-excitation, exact GELU, LayerNormalization and the encoders' in-model
+preprocessing all convert to builtins. TFLite converts a copy of the model in which
+LayerNormalization is written as `(x - mean) * scale + beta` (`rewrites.tflite_friendly`), so
+an int8 ConvNeXt stays integer throughout. The report lists each TFLite file's operators: "ops",
+"custom_ops" (not builtins: [] unless Flex was allowed) and, for int8, "float_ops", those the
+converter had to leave in float ([] for every encoder we ship).
 
 Example:
     >>> report = export_model(model, "export", quantize=("none", "int8"),

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from unetpp_tf import files
 from unetpp_tf._native_logs import native_stderr_silenced
+from unetpp_tf.export.rewrites import tflite_friendly
 from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.preprocessing import model_preprocessing
 from unetpp_tf.runners import METADATA_NAME, METADATA_PATH
@@ -126,13 +127,14 @@ def write_tflite_source(model: keras.Model, path: Path, size) -> None:
     """Write the batch-1, fixed-size float SavedModel the TFLite converter starts from.
 
     A size not divisible by the model's downsampling is padded inside the graph (static
-    reflection padding) and the output cropped back to `size`.
+    reflection padding) and the output cropped back to `size`. The model is converted as
+    `rewrites.tflite_friendly` rewrites it (LayerNormalization in operations int8 keeps in integers).
 
     Example:
         >>> write_tflite_source(model, Path("staging/.tflite_source"), (256, 256))
     """
     channels = model.input_shape[-1]
-    forward = padded_forward(model)
+    forward = padded_forward(tflite_friendly(model))
 
     def serve(images):
         return {"probabilities": forward(images)}
