@@ -72,7 +72,8 @@ TRAIN_HELP = {
                              "inference mode), then every layer at a lower learning rate",
     "finetune_lr_factor": "learning rate of the epochs after --freeze-encoder-epochs, as a fraction of "
                           "--learning-rate",
-    "early_stopping": "stop after this many epochs without a better validation Dice (0 = never)",
+    "early_stopping": "stop after this many epochs without a better validation Dice (0 = never); after "
+                      "--freeze-encoder-epochs it counts the fine-tuning epochs",
     "mixed_precision": "mixed precision (outputs and losses stay float32)",
     "xla": "XLA-compile the train step; auto = on with a GPU or TPU, off on CPU (slower there)",
     "recompute": "recompute each node's forward in the backward pass: a third less peak memory at 256x256, 0.8x speed",

@@ -128,7 +128,8 @@ def train_folds(
     folds = {"folds": summary, "val_dice_mean": float(scores.mean()), "val_dice_std": float(scores.std())}
     write_json(run / FOLDS_FILE, folds)
     with training_policy(config):
-        models = [keras.models.load_model(run / f"fold_{k}" / "model.keras") for k in range(1, len(parts) + 1)]
+        models = [keras.models.load_model(run / f"fold_{k}" / "model.keras", compile=False)
+                  for k in range(1, len(parts) + 1)]
         save_model(ensemble_model(models), run / "model.keras")
         finish_run(config, data, run, {"cross_validation": folds, "train_seconds": round(time.time() - started, 1)},
                    None)

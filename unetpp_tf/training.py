@@ -1015,7 +1015,9 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
     Example:
         >>> finish_run(config, data, run, {"train_seconds": 12.0}, history)
     """
-    best = keras.models.load_model(run / "model.keras")
+    # compile=False: a model trained without a wrapper was saved with the optimizer of its phase, which
+    # scoring and export do not need (and which a frozen phase's file holds for fewer variables)
+    best = keras.models.load_model(run / "model.keras", compile=False)
     result = evaluate(best, data.test, num_classes=data.num_classes)
     record = {
         "test": result["metrics"],
