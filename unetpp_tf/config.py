@@ -160,11 +160,10 @@ class TrainConfig:
                     f"--preset {self.preset} is a configuration of the built-in encoder and cannot take "
                     f"--encoder {self.encoder}; drop one of them."
                 )
-            depth = self.depth
-            if depth > 4:
+            if self.depth > 4:
                 raise ValueError(
-                    f"--depth {depth} is too deep for --encoder {self.encoder}: its feature maps stop at stride 32, "
-                    "which is depth 4; use --depth 4 or less."
+                    f"--depth {self.depth} is too deep for --encoder {self.encoder}: its feature maps stop at stride "
+                    "32, which is depth 4; use --depth 4 or less."
                 )
         if self.has_encoder and self.recompute:
             raise ValueError(
