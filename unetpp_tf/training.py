@@ -165,8 +165,9 @@ def model_from_config(
 ) -> keras.Model:
     """Build the model a configuration describes, for `channels` inputs and `num_classes`.
 
-    UNet++ and U-Net on their own encoder or a pretrained one, or DeepLabV3+. An encoder's
-    BatchNorm layers take the run's `bn_momentum` as the decoder's do (`set_batch_norm_momentum`).
+    UNet++ and U-Net on their own encoder or a pretrained one, or DeepLabV3+. A pretrained
+    encoder's BatchNorm layers take the run's `bn_momentum` as the decoder's do (the builders
+    see to it).
 
     Args:
         config: TrainConfig. The model settings.
@@ -198,29 +199,7 @@ def model_from_config(
             bn_momentum=config.bn_momentum, dropout=config.dropout or 0.0, l2=config.l2, upsampling=config.upsampling,
             **encoder, **shape,
         )
-    if config.has_encoder:
-        set_batch_norm_momentum(encoder_layers(model), config.bn_momentum)
     return model
-
-
-def set_batch_norm_momentum(layers, momentum: float) -> int:
-    """Give the BatchNormalization layers among `layers` the decay `momentum`; returns how many.
-
-    keras.applications backbones keep their moving statistics with momentum 0.99 (ResNet,
-    EfficientNet, DenseNet) or 0.999 (MobileNetV2/V3), which average over 100 to 1000 steps: a
-    few hundred steps of fine-tuning (or of training from random weights) leave inference-mode
-    outputs far from training-mode ones. A run's `bn_momentum` (0.9, PyTorch's default, which
-    the peers fine-tune these encoders with) applies to the encoder as to the decoder.
-
-    Example:
-        >>> set_batch_norm_momentum(encoder_layers(model), 0.9)
-    """
-    changed = 0
-    for layer in layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = float(momentum)
-            changed += 1
-    return changed
 
 
 def check_encoder_weights(config: TrainConfig) -> None:

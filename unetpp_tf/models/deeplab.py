@@ -278,7 +278,7 @@ def build_deeplabv3plus(
     inputs = keras.Input(input_shape, name="image")
     preprocess = preprocessing_layer(preprocessing)
     image = inputs if preprocess is None else preprocess(inputs)
-    features = encoder_features(image, encoder, encoder_weights, encoder_trainable, levels=4)
+    features = encoder_features(image, encoder, encoder_weights, encoder_trainable, levels=4, bn_momentum=bn_momentum)
     low = _encoder_map(inputs, features[1], low_level_layer, 4, encoder, "low_level_layer")
     high = _encoder_map(inputs, features[3], aspp_layer, 16, encoder, "aspp_layer")
 

@@ -159,7 +159,9 @@ def _build(
     image = inputs if preprocess is None else preprocess(inputs)
     x = {}
     if encoder is not None:
-        features = encoder_features(image, encoder, encoder_weights, encoder_trainable, levels=depth + 1)
+        features = encoder_features(
+            image, encoder, encoder_weights, encoder_trainable, levels=depth + 1, bn_momentum=bn_momentum
+        )
         x.update({(i, 0): feature for i, feature in enumerate(features)})
         if x[0, 0] is None:  # no stride-2 map in the encoder (ConvNeXt): a small block makes one
             pooled = keras.layers.AveragePooling2D(2, name="x_0_0_pool")(image)
@@ -282,7 +284,8 @@ def build_unetpp(
             ImageNet (downloaded by Keras), a local copy of that file or one written with
             `save_weights`, or None for random initialization. Defaults to None.
         encoder_trainable: bool. False freezes the encoder (BatchNorm in inference mode).
-            Defaults to True.
+            Defaults to True. The encoder's BatchNorm layers take `bn_momentum` too (the
+            keras.applications values, 0.99-0.999, are far too slow for short runs).
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
