@@ -45,11 +45,14 @@ runners expose them as `.metadata` and `.preprocessing`.
 
 Conversion allows TFLite builtin operators only (unless `allow_flex=True`); swish,
 hard-swish, squeeze-excitation, exact GELU, LayerNormalization and the encoders' in-model
-preprocessing all convert to builtins. TFLite converts a copy of the model in which
-LayerNormalization is written as `(x - mean) * scale + beta` (`rewrites.tflite_friendly`), so
-an int8 ConvNeXt stays integer throughout. The report lists each TFLite file's operators: "ops",
-"custom_ops" (not builtins: [] unless Flex was allowed) and, for int8, "float_ops", those the
-converter had to leave in float ([] for every encoder we ship).
+preprocessing all convert to builtins. TFLite converts a copy of the model
+(`rewrites.tflite_friendly`) in which LayerNormalization is written as `(x - mean) * scale +
+beta`, so an int8 ConvNeXt stays integer throughout, and an identity 1x1 depthwise convolution
+follows the encoder preprocessing, without which the converter quantizes `x - mean` on the
+padded image's range and an int8 ResNet, DenseNet or EfficientNet loses the image. The report
+lists each TFLite file's operators: "ops", "custom_ops" (not builtins: [] unless Flex was
+allowed) and, for int8, "float_ops", those the converter had to leave in float ([] for every
+encoder we ship).
 
 Example:
     >>> report = export_model(model, "export", quantize=("none", "int8"),
