@@ -315,6 +315,21 @@ def test_multiclass_labels_are_argmax(tmp_path, rng):
     np.testing.assert_array_equal(result["labels"].numpy(), np.argmax(result["probabilities"].numpy(), -1))
 
 
+def test_mixed_precision_model_converts_to_builtin_tflite_in_float32(tmp_path, rng):
+    # TFLite has no bfloat16 kernels: the file is converted from a float32 copy of the model
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = unetpp_tf.build_unetpp((16, 16, 1), depth=2, filters=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("x_0_0_conv1").compute_dtype == "bfloat16"
+    images = rng.random((3, 16, 16, 1), dtype=np.float32)
+    report = export_model(model, tmp_path, formats="tflite", samples=[images])
+    (entry,) = [a for a in report["artifacts"] if a["format"] == "tflite"]
+    assert entry["custom_ops"] == [] and entry["dice_agreement"] >= 0.99
+    assert entry["max_abs_diff"] < 0.02  # bfloat16 Keras against the float32 file
+
+
 def test_flex_op_is_refused_with_its_name(tmp_path, rng):
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Lambda(lambda t: tf.math.cumprod(0.5 + 0.5 * t, axis=1))(inputs)

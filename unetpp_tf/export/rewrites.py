@@ -115,12 +115,48 @@ def _call(layer, *args, **kwargs):
     return layer(*args, **kwargs)
 
 
+def _float32_config(value):
+    """A model configuration with every mixed-precision dtype policy replaced by float32."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "DTypePolicy" and value.get("config", {}).get("name", "").startswith("mixed_"):
+            return "float32"
+        return {key: _float32_config(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_float32_config(item) for item in value]
+    return value
+
+
+def _mixed_precision(model: keras.Model) -> bool:
+    return any(
+        layer.dtype_policy.compute_dtype != "float32" or isinstance(layer, keras.Model) and _mixed_precision(layer)
+        for layer in model.layers
+    )
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """`model` computing in float32: a copy of a mixed-precision (bf16/fp16) model, else `model` itself.
+
+    TFLite's builtin kernels take no bfloat16, so a model trained with `--mixed-precision bf16`
+    would need TensorFlow ops; its variables are float32 already, so the float32 copy (rebuilt
+    from its configuration, the weights copied) computes the same function at full precision.
+
+    Example:
+        >>> lite_source = as_float32(model)   # model trained under mixed_bfloat16
+    """
+    if not _mixed_precision(model):
+        return model
+    copy = model.__class__.from_config(_float32_config(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def tflite_friendly(model: keras.Model) -> keras.Model:
     """`model` as TFLite should convert it: LayerNormalization and encoder preprocessing rewritten.
 
     LayerNormalization layers become `SubtractMeanLayerNormalization` (weights copied) and each
     `EncoderPreprocessing` its 1x1 convolution (`as_pointwise_convolution`); every other layer is
-    shared with `model` (no copy of its weights). A model with neither comes back as it is.
+    shared with `model` (no copy of its weights). A mixed-precision model is first copied to
+    float32 (`as_float32`). A model with none of these comes back as it is.
 
     Args:
         model: keras.Model. A functional or Sequential model.
@@ -131,6 +167,7 @@ def tflite_friendly(model: keras.Model) -> keras.Model:
     Example:
         >>> lite_model = tflite_friendly(build_unetpp((64, 64, 3), encoder="convnexttiny", depth=2))
     """
+    model = as_float32(model)
     if not _needs_rewrite(model):
         return model
     call = None if isinstance(model, keras.Sequential) else _call  # Sequential models take no call_function
