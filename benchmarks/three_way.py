@@ -21,6 +21,7 @@ Usage:
     python benchmarks/three_way.py                      # 5 rows, 1 seed, encoder resnet50 (~25 min on 2 cores)
     python benchmarks/three_way.py --encoder mobilenetv2 --seeds 3
     python benchmarks/three_way.py --quick              # 2 epochs: a smoke run, meaningless numbers
+    python benchmarks/three_way.py --work DIR --reuse   # the runs already in DIR: speed measured again
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def rows(encoder: str) -> dict:
 def train(flags: list, name: str, seed: int, args: argparse.Namespace) -> dict:
     """One `unetpp-tf train` process; the run's test Dice and fit time from its metrics.json."""
     runs = args.work / "runs"
+    if args.reuse and (runs / name / "metrics.json").exists():  # measured before: only the speed is measured again
+        metrics = json.loads((runs / name / "metrics.json").read_text())
+        return dict(run=str(runs / name), dice=metrics["test"]["dice"], train_seconds=metrics["train_seconds"],
+                    wall_seconds=None)
     shutil.rmtree(runs / name, ignore_errors=True)
     command = [*CLI, "train", *flags, "--seed", str(seed), "--name", name, "--output-dir", str(runs), "--quiet"]
     if args.quick:
@@ -114,6 +119,8 @@ def parse_args() -> argparse.Namespace | None:
     parser.add_argument("--quick", action="store_true", help="2 epochs per run: checks the script, not the models")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the finished runs found in --work (their Dice and fit time) and measure speed again")
     return answer_single(parser, measure)
 
 

@@ -14,6 +14,7 @@ from unetpp_tf.cli import main
 from unetpp_tf.config import TrainConfig
 from unetpp_tf.models import encoder_layers, size_divisor
 from unetpp_tf.training import model_from_config, run_finished, train, training_phases
+from run_control import FinalState, Interrupted, StopAfter
 
 ENCODER = "mobilenetv3small"
 TINY = dict(
@@ -114,30 +115,11 @@ def test_a_model_saved_while_the_encoder_is_frozen_loads_trainable(tmp_path):
         int(np.prod(w.shape)) for w in saved.saved.non_trainable_weights)
 
 
-class _Interrupted(Exception):
-    """Stands for a kill between two epochs."""
-
-
-class _StopAfter(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise _Interrupted(epoch)
-
-
-class _FinalState(keras.callbacks.Callback):
-    def on_train_end(self, logs=None):
-        self.values = [np.array(v.numpy()) for v in [*self.model.variables, *self.model.optimizer.variables]]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """A freeze run of 4 epochs (2 frozen) that nothing interrupts, and its final state."""
     root = tmp_path_factory.mktemp("whole")
-    final = _FinalState()
+    final = FinalState()
     with pytest.warns(UserWarning, match="randomly initialized"):
         train(dict(TINY, output_dir=str(root), name="whole", epochs=4, freeze_encoder_epochs=2, dropout=0.1),
               callbacks=[final], verbose=0)
@@ -148,11 +130,11 @@ def uninterrupted(tmp_path_factory):
 def test_a_run_resumed_across_the_phase_boundary_ends_as_an_uninterrupted_one(tmp_path, uninterrupted, cut):
     whole, expected = uninterrupted
     config = dict(TINY, output_dir=str(tmp_path), name="cut", epochs=4, freeze_encoder_epochs=2, dropout=0.1)
-    with pytest.warns(UserWarning), pytest.raises(_Interrupted):
-        train(config, callbacks=[_StopAfter(cut)], verbose=0)
+    with pytest.warns(UserWarning), pytest.raises(Interrupted):
+        train(config, callbacks=[StopAfter(cut)], verbose=0)
     state = read_backup(tmp_path / "cut" / "backup")
     assert state["epoch"] == cut + 1 and state["phase"] == ("frozen_encoder" if cut < 2 else "fine_tune")
-    resumed = _FinalState()
+    resumed = FinalState()
     with pytest.warns(UserWarning):
         train(config, resume=True, callbacks=[resumed], verbose=0)
     assert run_finished(tmp_path / "cut")

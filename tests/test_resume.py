@@ -16,34 +16,12 @@ from unetpp_tf import checkpoints
 from unetpp_tf.checkpoints import RunBackup, read_backup, read_history_rows
 from unetpp_tf.cli import error_message
 from unetpp_tf.training import run_finished, train
+from run_control import FinalState, Interrupted, StopAfter
 
 TINY = dict(
     num_samples=40, image_size=(32, 32), depth=2, filters=4, batch_size=8, min_steps=0,
     export_saved_model=False, export_tflite=False,
 )
-
-
-class _Interrupted(Exception):
-    """Stands for a kill between two epochs."""
-
-
-class _StopAfter(keras.callbacks.Callback):
-    """Raise at the end of epoch `epoch` (0-based), after the run backed it up."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise _Interrupted(epoch)
-
-
-class _FinalState(keras.callbacks.Callback):
-    """Keep every variable of the trained model and its optimizer when training ends."""
-
-    def on_train_end(self, logs=None):
-        self.values = [np.array(v.numpy()) for v in [*self.model.variables, *self.model.optimizer.variables]]
 
 
 def _history(run):
@@ -63,13 +41,13 @@ def _history(run):
 )
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, settings):
     config = dict(TINY, output_dir=str(tmp_path), epochs=4, **settings)
-    whole = _FinalState()
+    whole = FinalState()
     train(dict(config, name="whole"), callbacks=[whole], verbose=0)
-    with pytest.raises(_Interrupted):
-        train(dict(config, name="cut"), callbacks=[_StopAfter(1)], verbose=0)
+    with pytest.raises(Interrupted):
+        train(dict(config, name="cut"), callbacks=[StopAfter(1)], verbose=0)
     assert read_backup(tmp_path / "cut" / "backup")["epoch"] == 2
     assert len(_history(tmp_path / "cut")) == 2
-    resumed = _FinalState()
+    resumed = FinalState()
     train(dict(config, name="cut"), resume=True, callbacks=[resumed], verbose=0)
     assert run_finished(tmp_path / "cut")
     assert len(resumed.values) == len(whole.values) > 0
@@ -114,8 +92,8 @@ def test_callback_counters_survive_a_backup(tmp_path):
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
     config = dict(TINY, output_dir=str(tmp_path), name="r", epochs=2)
-    with pytest.raises(_Interrupted):
-        train(config, callbacks=[_StopAfter(0)], verbose=0)
+    with pytest.raises(Interrupted):
+        train(config, callbacks=[StopAfter(0)], verbose=0)
     recorded = (tmp_path / "r" / "config.json").read_text()
     with pytest.raises(ValueError, match=r"cannot resume .*r with other settings .*\(epochs: 2 -> 4; filters: 4 -> 8\)"
                                          r".*pass --overwrite"):
