@@ -81,6 +81,23 @@ def _predict_input(x) -> np.ndarray:
 # --------------------------------------------------------------------------- metadata
 
 
+def tflite_schema():
+    """The TFLite flatbuffer schema module TensorFlow ships, or None where this TensorFlow lacks it.
+
+    TensorFlow has no public API for a TFLite file's contents; readers of its metadata and
+    operators go through this one guarded import and degrade when it returns None.
+
+    Example:
+        >>> schema = tflite_schema()
+        >>> schema.Model.GetRootAs(content, 0).OperatorCodesLength() if schema else None
+    """
+    try:
+        from tensorflow.lite.python import schema_py_generated as schema
+    except ImportError:
+        return None
+    return schema
+
+
 def read_tflite_metadata(content: bytes) -> dict:
     """The "unetpp_tf" metadata of TFLite bytes, or {} when the file has none (or it cannot be read here).
 
@@ -88,11 +105,9 @@ def read_tflite_metadata(content: bytes) -> dict:
         >>> read_tflite_metadata(Path("export/model_float32.tflite").read_bytes())["num_classes"]
         1
     """
-    try:
-        from tensorflow.lite.python import schema_py_generated as schema
-    except ImportError:
+    schema = tflite_schema()
+    if schema is None:
         return {}
-
     model = schema.Model.GetRootAs(content, 0)
     for index in range(model.MetadataLength()):
         entry = model.Metadata(index)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import warnings
 
+from unetpp_tf.runners import tflite_schema
+
 FLOAT_TYPES = ("FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16")
 _CONVERSIONS = ("QUANTIZE", "DEQUANTIZE")  # move values between float and integer, compute nothing
 _CUSTOM = 32  # BuiltinOperator.CUSTOM: the op is named by its custom code ("FlexErf", ...)
@@ -23,11 +25,10 @@ _CUSTOM = 32  # BuiltinOperator.CUSTOM: the op is named by its custom code ("Fle
 
 def _schema():
     """The flatbuffer schema module TensorFlow ships, or None (one warning) when it is missing."""
-    try:
-        from tensorflow.lite.python import schema_py_generated as schema
-    except ImportError as error:
-        warnings.warn(f"cannot list the operators of TFLite files here ({error}).", stacklevel=3)
-        return None
+    schema = tflite_schema()
+    if schema is None:
+        warnings.warn("cannot list the operators of TFLite files here (no TFLite schema in this TensorFlow).",
+                      stacklevel=3)
     return schema
 
 

@@ -17,7 +17,6 @@ models and TFLite files need no fixed size.
 
 from __future__ import annotations
 
-import os
 
 import keras
 from keras import ops
@@ -26,7 +25,7 @@ from unetpp_tf.models.blocks import conv_block, segmentation_head
 from unetpp_tf.models.encoders import encoder_features, encoder_spec
 from unetpp_tf.models.layers import BilinearUpsampling, ConcatConv2D, FusedBatchNormalization, FusedDropout
 from unetpp_tf.models.preprocessing import preprocessing_layer
-from unetpp_tf.models.unetpp import check_input_shape, resolve_output_activation
+from unetpp_tf.models.unetpp import check_input_shape, check_model_options, resolve_output_activation
 
 ATROUS_RATES = {16: (6, 12, 18)}  # the paper's rates for output stride 16
 OUTPUT_STRIDES = tuple(ATROUS_RATES)
@@ -125,10 +124,7 @@ def _check_options(num_classes, output_stride, atrous_rates, filters: dict, drop
             "DeepLabV3+ needs an encoder: pass encoder='resnet50' (or another name of "
             "unetpp_tf.models.ENCODERS, or a multi-scale Keras model)."
         )
-    if encoder_weights not in (None, "imagenet") and not isinstance(encoder_weights, (str, bytes, os.PathLike)):
-        raise ValueError(f"encoder_weights must be 'imagenet', None or a file path, got {encoder_weights!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
+    check_model_options(num_classes, dropout, bn_momentum, encoder_weights)
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(
             f"output_stride must be 16, got {output_stride!r}: keras.applications encoders cannot dilate their "
@@ -143,10 +139,6 @@ def _check_options(num_classes, output_stride, atrous_rates, filters: dict, drop
         raise ValueError(f"atrous_rates must be positive integers such as (6, 12, 18), got {atrous_rates!r}.")
     for label, value in filters.items():
         _positive_int(value, label)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ValueError(f"bn_momentum must be in [0, 1) (the decay of the moving statistics), got {bn_momentum}.")
     return rates
 
 

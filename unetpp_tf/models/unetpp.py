@@ -56,7 +56,7 @@ def _nearest_valid(size: int, multiple: int) -> str:
     return f"{lower} or {upper}" if lower else f"{upper}"
 
 
-def _check_encoder_options(depth: int, recompute: bool, encoder_weights) -> None:
+def _check_encoder_options(depth: int, recompute: bool) -> None:
     if depth > 4:
         raise ValueError(
             f"depth {depth} is too deep for an encoder: its feature maps stop at stride 32, which is depth 4 "
@@ -68,6 +68,20 @@ def _check_encoder_options(depth: int, recompute: bool, encoder_weights) -> None
             "(or with a smaller batch, or --freeze-encoder-epochs to keep the encoder's activations out of "
             "the backward pass)."
         )
+
+
+def check_model_options(num_classes, dropout: float, bn_momentum: float, encoder_weights=None) -> None:
+    """The argument checks every builder shares: classes, dropout, BatchNorm decay, encoder weights.
+
+    Example:
+        >>> check_model_options(num_classes=3, dropout=0.1, bn_momentum=0.9)
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1) (the decay of the moving statistics), got {bn_momentum}.")
     if encoder_weights not in (None, "imagenet") and not isinstance(encoder_weights, (str, bytes, os.PathLike)):
         raise ValueError(f"encoder_weights must be 'imagenet', None or a file path, got {encoder_weights!r}.")
 
@@ -129,21 +143,16 @@ def _build(
     _check_depth(depth)
     widths = _resolve_widths(filters, depth, width_multiplier)
     if encoder is not None:
-        _check_encoder_options(depth, recompute, encoder_weights)
+        _check_encoder_options(depth, recompute)
     elif encoder_weights is not None:
         raise ValueError("encoder_weights needs an encoder: pass encoder='resnet50' (or another name) as well.")
     # with an encoder, level i of the decoder sits at stride 2**(i + 1) and a head upsamples to full size
     input_shape = check_input_shape(input_shape, depth + (encoder is not None), encoder)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1 (1 = binary sigmoid), got {num_classes!r}.")
+    check_model_options(num_classes, dropout, bn_momentum, encoder_weights)
     if upsampling not in UPSAMPLING_MODES:
         raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got {l2}.")
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ValueError(f"bn_momentum must be in [0, 1) (the decay of the moving statistics), got {bn_momentum}.")
     head_activation = resolve_output_activation(output_activation, num_classes)
     block = dict(
         batch_norm=batch_norm,
