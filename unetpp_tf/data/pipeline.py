@@ -34,6 +34,8 @@ class SegmentationData:
         counts: dict. Number of samples per split.
         source: str. Where the data came from, for run records.
         files: dict. Per split, the (image, mask) file pairs; empty for in-memory sources.
+        volumes: dict. Volume sources only: per split, the whole `Volume`s the patches or
+            slices come from (scored scan by scan); empty for image sources.
 
     Example:
         >>> data = unetpp_tf.data.synthetic(num_samples=64)
@@ -49,6 +51,7 @@ class SegmentationData:
     counts: dict
     source: str
     files: dict = dataclasses.field(default_factory=dict)
+    volumes: dict = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, split: str) -> tf.data.Dataset:
         if split not in SPLITS:
