@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from unetpp_tf.data.augment import SegmentationAugmenter
+from unetpp_tf.data.augment3d import VolumeAugmenter
 from unetpp_tf.data.checks import describe
 from unetpp_tf.data.crops import center_crop_pair, random_crop_pair
 
@@ -232,7 +233,7 @@ def finalize(
 
 
 def augmented(batches: tf.data.Dataset, augment: Callable, seed: int = 0) -> tf.data.Dataset:
-    """Apply `augment` to every batch in parallel; a `SegmentationAugmenter` gets a seed per batch.
+    """Apply `augment` to every batch in parallel; a Segmentation- or VolumeAugmenter gets a seed per batch.
 
     The seed of batch b in epoch e comes from `tf.data.Dataset.random(seed)` (a new stream each
     iteration) folded with a constant of its own, so it is independent of the random-crop
@@ -249,7 +250,7 @@ def augmented(batches: tf.data.Dataset, augment: Callable, seed: int = 0) -> tf.
     Example:
         >>> ds = augmented(batches, SegmentationAugmenter(rotation=0.1), seed=3)
     """
-    if not isinstance(augment, SegmentationAugmenter):
+    if not isinstance(augment, (SegmentationAugmenter, VolumeAugmenter)):
         return batches.map(lambda x, y: augment(x, y, training=True), num_parallel_calls=AUTOTUNE)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     seeds = seeds.map(lambda pair: tf.random.experimental.stateless_fold_in(pair, _AUGMENT_STREAM))
