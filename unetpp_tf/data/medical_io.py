@@ -163,7 +163,7 @@ def canonical_transform(affine) -> tuple[tuple[int, int, int], tuple[bool, bool,
     return axes, flips
 
 
-def _index_map(axes, flips, file_shape) -> np.ndarray:
+def index_map(axes, flips, file_shape) -> np.ndarray:
     """4x4 map from canonical voxel indices (z, y, x, 1) to the file's voxel indices (i, j, k, 1)."""
     matrix = np.zeros((4, 4))
     matrix[3, 3] = 1.0
@@ -173,15 +173,15 @@ def _index_map(axes, flips, file_shape) -> np.ndarray:
     return matrix
 
 
-def _to_canonical(data: np.ndarray, axes, flips) -> np.ndarray:
+def to_canonical(data: np.ndarray, axes, flips) -> np.ndarray:
     """File array (i, j, k[, c]) -> canonical (z, y, x[, c]) by a transpose and flips (no copy of values)."""
     out = np.transpose(data, tuple(axes) + tuple(range(3, data.ndim)))
     flipped = tuple(c for c in range(3) if flips[c])
     return np.flip(out, flipped) if flipped else out
 
 
-def _from_canonical(array: np.ndarray, axes, flips) -> np.ndarray:
-    """Canonical array (z, y, x[, c]) -> the file's axis order (i, j, k[, c]): the inverse of `_to_canonical`."""
+def from_canonical(array: np.ndarray, axes, flips) -> np.ndarray:
+    """Canonical array (z, y, x[, c]) -> the file's axis order (i, j, k[, c]): the inverse of `to_canonical`."""
     flipped = tuple(c for c in range(3) if flips[c])
     out = np.flip(array, flipped) if flipped else array
     return np.transpose(out, tuple(np.argsort(axes)) + tuple(range(3, array.ndim)))
@@ -412,8 +412,8 @@ def _read_grid(path, *, label: bool, allow_missing_affine: bool):
     except ValueError as error:
         raise ValueError(f"{path}: {error}; the header's voxel-to-world geometry is broken.") from None
     file_shape = data.shape[:3]
-    canonical = np.ascontiguousarray(_to_canonical(data, axes, flips))
-    canonical_affine = affine @ _index_map(axes, flips, file_shape)
+    canonical = np.ascontiguousarray(to_canonical(data, axes, flips))
+    canonical_affine = affine @ index_map(axes, flips, file_shape)
     source = {
         "path": str(path),
         **fields,
@@ -589,8 +589,8 @@ def write_scan(array, path, like: Volume, *, order: int = 0) -> Path:
     else:  # arrays: the canonical grid written in NIfTI's (x, y, z) order
         axes, flips = (2, 1, 0), (False, False, False)
         file_shape = (shape[2], shape[1], shape[0])
-        affine = np.asarray(like.affine, float) @ np.linalg.inv(_index_map(axes, flips, file_shape))
-    data = np.ascontiguousarray(_from_canonical(np.asarray(array), axes, flips)).astype(dtype, copy=False)
+        affine = np.asarray(like.affine, float) @ np.linalg.inv(index_map(axes, flips, file_shape))
+    data = np.ascontiguousarray(from_canonical(np.asarray(array), axes, flips)).astype(dtype, copy=False)
     codes = (int(source.get("qform_code", 1)), int(source.get("sform_code", 1))) if source else (2, 2)
     if codes == (0, 0):  # the source had no affine: keep it that way, with its voxel sizes
         image = nibabel.Nifti1Image(data, None)
