@@ -27,12 +27,12 @@ import itertools
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from unetpp_tf import inference
 
 BLENDS = ("gaussian", "constant")
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".dcm")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
@@ -40,7 +40,10 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".w
 
 
 def _describe(model) -> str:
-    return f"{model.path}" if hasattr(model, "path") else f"model {model.name!r}"
+    """How an error names a model: its name for a Keras model, its file for an exported one."""
+    if isinstance(model, keras.Model) or not hasattr(model, "path"):
+        return f"model {model.name!r}"
+    return f"{model.path}"
 
 
 def _input_shape(model) -> tuple:
@@ -407,12 +410,12 @@ def predict_volume(model, image, *, patch_size=None, overlap: float = 0.5, batch
 # ----------------------------------------------------------------------------- scan files
 
 
-def _scan_name(path: Path) -> str:
-    lower = path.name.lower()
-    for suffix in SCAN_SUFFIXES:
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
+def _scans_in(folder: Path) -> list[Path]:
+    """The NIfTI files and DICOM series folders directly inside `folder`, sorted by name."""
+    from unetpp_tf.data import medical_io
+
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [p for p in entries if (p.is_file() and medical_io.is_nifti(p)) or medical_io.is_dicom_series(p)]
 
 
 def _scan_inputs(inputs) -> tuple[list[Path], list[str]]:
@@ -423,31 +426,32 @@ def _scan_inputs(inputs) -> tuple[list[Path], list[str]]:
         inputs = [inputs]
     scans, problems = [], []
     for item in map(Path, inputs):
-        lower = item.name.lower()
         if not item.exists():
             problems.append(f"{item} does not exist; check the path")
         elif item.is_dir():
-            if medical_io.is_scan_folder(item):
+            if medical_io.is_dicom_series(item):
                 scans.append(item)
                 continue
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")))
-            found += sorted(p for p in item.iterdir() if p.is_dir() and medical_io.is_scan_folder(p))
+            found = _scans_in(item / "images" if medical_io.is_scan_folder(item) else item)
             if found:
                 scans.extend(found)
             else:
                 problems.append(f"folder {item} holds no DICOM series and no NIfTI (.nii, .nii.gz) files")
-        elif lower.endswith(_IMAGE_SUFFIXES):
+        elif item.name.lower().endswith(_IMAGE_SUFFIXES):
             problems.append(
                 f"{item} is a 2D image file, not a scan; predict_scans reads NIfTI files and DICOM series "
                 "(use unetpp_tf.predict_files for images)"
             )
-        elif lower.endswith(SCAN_SUFFIXES):
+        elif medical_io.is_nifti(item) or medical_io.is_dicom_file(item):
             scans.append(item)
         else:
             problems.append(f"{item} is not a scan; pass .nii/.nii.gz files or DICOM series folders")
     if not scans and not problems:
         problems.append("inputs is empty; pass NIfTI files or DICOM series folders")
-    return scans, problems
+    unique = {}
+    for scan in scans:  # a scan named directly and through its folder is predicted once
+        unique.setdefault(scan.resolve(), scan)
+    return list(unique.values()), problems
 
 
 def _prepare(volume, *, spacing, window):
@@ -501,7 +505,7 @@ def predict_scans(
     Args:
         model: keras.Model or str. A 3D or 2D/2.5D model, or a path for `load_model`.
         inputs: str, Path or list of them. NIfTI files (.nii, .nii.gz), DICOM files or series
-            folders, or folders of NIfTI files or series.
+            folders, folders of NIfTI files or series, or a dataset folder (its images/).
         output_dir: str or Path. Where the masks go; created if needed.
         spacing: tuple or None. (z, y, x) mm to resample to before predicting (the spacing the
             model was trained at); None keeps the scan's own. Defaults to None.
@@ -532,7 +536,7 @@ def predict_scans(
     scans, problems = _scan_inputs(inputs)
     names = {}
     for path in scans:
-        name = _scan_name(path)
+        name = medical_io.scan_stem(path)
         if name in names:
             problems.append(f"{path} and {names[name]} would both be written as {name}_mask.nii.gz; rename one")
         names.setdefault(name, path)
@@ -545,7 +549,7 @@ def predict_scans(
         if problem:
             problems.append(problem)
     if problems:
-        raise ValueError(f"{len(problems)} input(s) cannot be predicted:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{len(problems)} problem(s) with the inputs, nothing predicted:\n  " + "\n  ".join(problems))
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -557,7 +561,7 @@ def predict_scans(
         volume, image = _prepare(medical_io.read_scan(path), spacing=spacing, window=window)
         probs = predict_volume(model, image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
         labels = inference.labels_from_probabilities(probs, threshold)
-        name = _scan_name(path)
+        name = medical_io.scan_stem(path)
         if probabilities:
             medical_io.write_scan(probs, output_dir / f"{name}_probabilities.nii.gz", like=volume, order=1)
         del probs
