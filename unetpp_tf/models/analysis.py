@@ -6,6 +6,8 @@ import math
 
 import keras
 
+from unetpp_tf.models.layers import VolumeUpsampling
+
 
 def _spatial(shape) -> int:
     return math.prod(int(d) for d in shape[1:-1])
@@ -49,8 +51,9 @@ def count_flops(model: keras.Model, input_shape=None) -> int:
     Counted: Conv1D/2D/3D (grouped ones too: their kernel holds input channels / groups), their
     transposed variants, DepthwiseConv, SeparableConv (depthwise + pointwise), and Dense layers,
     which on feature maps (ConvNeXt's pointwise MLPs) cost once per position; `ConcatConv2D`'s
-    kernel covers all its parts. Layers of nested models (ConvNeXt's Sequential stem and
-    downsampling blocks) are counted at the input size the nested model is called on. Left out,
+    kernel covers all its parts (`ConcatConv3D`'s likewise; volume models count per volume).
+    Layers of nested models (ConvNeXt's Sequential stem and downsampling blocks) are counted at
+    the input size the nested model is called on. Left out,
     as they are in the published figures: pooling, activations, normalization, additions and
     concatenation (together about 1% of a U-Net), and layers inside custom layers that are not
     models.
@@ -60,11 +63,12 @@ def count_flops(model: keras.Model, input_shape=None) -> int:
 
     Args:
         model: keras.Model. A functional or Sequential model with one input.
-        input_shape: tuple or None. (H, W, C) to evaluate a None x None model at; None uses
-            the model's own (fixed) input shape. Defaults to None.
+        input_shape: tuple or None. (H, W, C), or (D, H, W, C) for a volume model, to evaluate a
+            model with None sizes at; None uses the model's own (fixed) input shape.
+            Defaults to None.
 
     Returns:
-        int: FLOPs for one image.
+        int: FLOPs for one image (one volume).
 
     Example:
         >>> count_flops(unetpp_tf.from_preset("paper"), (96, 96, 1)) / 1e9   # about 8.4
@@ -73,7 +77,8 @@ def count_flops(model: keras.Model, input_shape=None) -> int:
         raise ValueError(f"count_flops needs a model with one input; model {model.name!r} has {len(model.inputs)}.")
     shape = tuple(model.inputs[0].shape[1:]) if input_shape is None else tuple(input_shape)
     if any(d is None for d in shape):
-        raise ValueError(f"model input {model.input_shape} has no fixed size; pass input_shape=(H, W, C).")
+        example = "(D, H, W, C)" if len(shape) == 4 else "(H, W, C)"
+        raise ValueError(f"model input {model.input_shape} has no fixed size; pass input_shape={example}.")
     layers = [layer for layer in model.layers if layer.weights]
     try:
         ends = [(_first(layer.input), _first(layer.output)) for layer in layers]
@@ -86,7 +91,7 @@ def count_flops(model: keras.Model, input_shape=None) -> int:
 
 def _layer_scale(layer) -> float:
     """How much a layer shrinks the resolution: 2 for a stride-2 pool/conv, 1/2 for an upsampling."""
-    if isinstance(layer, keras.layers.UpSampling2D):
+    if isinstance(layer, (keras.layers.UpSampling2D, keras.layers.UpSampling3D, VolumeUpsampling)):
         return 1.0 / max(layer.size)
     strides = getattr(layer, "strides", None)
     if not strides:
@@ -167,7 +172,9 @@ def size_divisor(model: keras.Model) -> int:
     """The factor a None x None model needs input height and width to be divisible by.
 
     It is the deepest downsampling along the graph (2**depth for a UNet++: one 2x2 pooling per
-    level), found by walking the layers' strides, pool sizes and upsamplings.
+    level), found by walking the layers' strides, pool sizes and upsamplings. Each layer counts
+    with its largest factor, so for anisotropic pooling (`pool_sizes`) it is the divisor of the
+    most pooled axis, a multiple of every axis' own divisor (padding every axis to it is valid).
 
     Args:
         model: keras.Model. A functional model (nested functional and Sequential models are

@@ -1,12 +1,58 @@
-"""Building blocks of the nested U-Net graph: the conv block, upsampling and the heads."""
+"""Building blocks of the nested U-Net graph: the conv block, upsampling and the heads.
+
+Every block works on images [B, H, W, C] and volumes [B, D, H, W, C] alike: the layer family
+(Conv2D or Conv3D, 2D or 3D pooling and upsampling) follows the rank of its input
+(`layer_family`).
+"""
 
 from __future__ import annotations
 
 import keras
 
-from unetpp_tf.models.layers import BilinearUpsampling, ConcatConv2D, FusedBatchNormalization, FusedDropout
+from types import SimpleNamespace
+
+from unetpp_tf.models.layers import (
+    BilinearUpsampling,
+    ConcatConv2D,
+    ConcatConv3D,
+    FusedBatchNormalization,
+    FusedDropout,
+    VolumeUpsampling,
+)
 
 UPSAMPLING_MODES = ("transpose", "bilinear", "nearest")
+
+
+def spatial_rank(x) -> int:
+    """The number of spatial axes of a channels-last tensor (or the first of a list): 2 or 3."""
+    first = x[0] if isinstance(x, (list, tuple)) else x
+    rank = len(first.shape) - 2
+    if rank not in (2, 3):
+        raise ValueError(
+            f"expected images [batch, H, W, C] or volumes [batch, D, H, W, C], got a tensor of shape "
+            f"{tuple(first.shape)}."
+        )
+    return rank
+
+
+def layer_family(rank: int) -> SimpleNamespace:
+    """The layer classes for `rank` spatial axes: `conv`, `concat_conv`, `pool`, `transpose`.
+
+    Args:
+        rank: int. 2 for images, 3 for volumes.
+
+    Example:
+        >>> layer_family(3).conv is keras.layers.Conv3D
+        True
+    """
+    # looked up at call time, so a test (or a caller) may swap a module-level class
+    if rank == 2:
+        return SimpleNamespace(conv=keras.layers.Conv2D, concat_conv=ConcatConv2D, pool=keras.layers.MaxPooling2D,
+                               transpose=keras.layers.Conv2DTranspose)
+    if rank == 3:
+        return SimpleNamespace(conv=keras.layers.Conv3D, concat_conv=ConcatConv3D, pool=keras.layers.MaxPooling3D,
+                               transpose=keras.layers.Conv3DTranspose)
+    raise ValueError(f"rank must be 2 (images) or 3 (volumes), got {rank!r}.")
 
 
 def _regularizer(l2: float):
@@ -26,19 +72,19 @@ def conv_block(
     kernel_initializer: str = "he_normal",
     convs: int = 2,
 ):
-    """Apply `convs` x (3x3 conv -> [BatchNorm] -> activation -> [dropout]).
+    """Apply `convs` x (3x3 (3x3x3 on volumes) conv -> [BatchNorm] -> activation -> [dropout]).
 
     Layers are named from the prefix: `{name}_conv1`, `{name}_bn1`, `{name}_act1`,
     `{name}_drop1`, ... With BatchNorm the convolution has no bias (BatchNorm's shift
     replaces it). BatchNorm and dropout are the fused drop-in layers of
     `unetpp_tf.models.layers`, which do the same work in fewer passes over memory. Given a
     list of tensors, the block convolves their concatenation: the first convolution is a
-    `ConcatConv2D` over the parts (the weights of a Conv2D over the concatenation, which
-    training never materialises).
+    `ConcatConv2D` (`ConcatConv3D` on volumes) over the parts (the weights of a Conv2D over
+    the concatenation, which training never materialises).
 
     Args:
-        x: tensor or list of tensors. The block input, channels last; a list is
-            concatenated along the channels.
+        x: tensor or list of tensors. The block input, channels last, [B, H, W, C] or
+            [B, D, H, W, C]; a list is concatenated along the channels.
         filters: int. Output channels of each convolution.
         name: str. Prefix for the layer names.
         batch_norm: bool. Insert BatchNormalization after each convolution.
@@ -62,8 +108,9 @@ def conv_block(
         >>> tuple(conv_block([y, keras.Input((32, 32, 4))], 8, name="x_0_1").shape)
         (None, 32, 32, 8)
     """
+    family = layer_family(spatial_rank(x))
     for k in range(1, convs + 1):
-        conv = ConcatConv2D if isinstance(x, (list, tuple)) else keras.layers.Conv2D
+        conv = family.concat_conv if isinstance(x, (list, tuple)) else family.conv
         x = conv(
             filters,
             3,
@@ -81,36 +128,45 @@ def conv_block(
     return x
 
 
-def upsample(x, filters: int, *, name: str, mode: str = "transpose", kernel_initializer="he_normal"):
-    """Double the spatial size of `x`.
+def upsample(x, filters: int, *, name: str, mode: str = "transpose", kernel_initializer="he_normal", size=2):
+    """Upsample `x` by `size` (2 = double every spatial axis).
 
     "transpose" is the paper's 2x2 stride-2 transposed convolution to `filters` channels
-    (with bias, no activation); "bilinear" and "nearest" resize and keep the channels.
+    (kernel and stride `size`; with bias, no activation); "bilinear" and "nearest" resize and
+    keep the channels (on volumes "bilinear" is trilinear, `layers.VolumeUpsampling`).
 
     Args:
-        x: tensor. Channels-last input.
+        x: tensor. Channels-last input, [B, H, W, C] or [B, D, H, W, C].
         filters: int. Output channels of the transposed convolution.
         name: str. Layer name.
         mode: str. One of "transpose", "bilinear", "nearest". Defaults to "transpose".
         kernel_initializer: str. Initializer of the transposed convolution.
             Defaults to "he_normal".
+        size: int or tuple. Factor per spatial axis, e.g. (1, 2, 2) to keep the depth of a
+            volume. Defaults to 2.
 
     Example:
         >>> y = upsample(keras.Input((8, 8, 16)), 8, name="up")
         >>> tuple(y.shape)
         (None, 16, 16, 8)
+        >>> tuple(upsample(keras.Input((4, 8, 8, 16)), 8, name="up3", size=(1, 2, 2)).shape)
+        (None, 4, 16, 16, 8)
     """
+    rank = spatial_rank(x)
+    factors = (size,) * rank if isinstance(size, int) else tuple(size)
     if mode == "transpose":
-        return keras.layers.Conv2DTranspose(
-            filters, 2, strides=2, padding="same", kernel_initializer=kernel_initializer, name=name
+        return layer_family(rank).transpose(
+            filters, factors, strides=factors, padding="same", kernel_initializer=kernel_initializer, name=name
         )(x)
+    if rank == 3:
+        return VolumeUpsampling(factors, interpolation="trilinear" if mode == "bilinear" else "nearest", name=name)(x)
     if mode == "bilinear":  # runs at None x None sizes too (see BilinearUpsampling)
-        return BilinearUpsampling(2, name=name)(x)
-    return keras.layers.UpSampling2D(2, interpolation=mode, name=name)(x)
+        return BilinearUpsampling(factors, name=name)(x)
+    return keras.layers.UpSampling2D(factors, interpolation=mode, name=name)(x)
 
 
 def segmentation_head(x, num_classes: int, *, name: str, activation, l2: float = 0.0, kernel_initializer="he_normal"):
-    """A 1x1 convolution to `num_classes` channels and the output activation.
+    """A 1x1 (1x1x1 on volumes) convolution to `num_classes` channels and the output activation.
 
     The activation layer is named `name` and computes in float32, so mixed-precision
     models still return float32 probabilities; the convolution is `{name}_logits`.
@@ -128,7 +184,7 @@ def segmentation_head(x, num_classes: int, *, name: str, activation, l2: float =
         >>> tuple(y.shape)
         (None, 32, 32, 1)
     """
-    x = keras.layers.Conv2D(
+    x = layer_family(spatial_rank(x)).conv(
         num_classes,
         1,
         kernel_initializer=kernel_initializer,

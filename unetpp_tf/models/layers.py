@@ -16,7 +16,11 @@ other backends and for the options the fast path does not cover.
 The decoder's concatenations get the same treatment on every backend: `ConcatConv2D` is a
 `Conv2D` over the concatenation of its inputs (the same single kernel, so the same weights and
 parameter count) that in training computes a sum of convolutions over the parts with the
-matching kernel slices, so neither the concatenation nor the slices of its gradient exist.
+matching kernel slices, so neither the concatenation nor the slices of its gradient exist;
+`ConcatConv3D` is the same for `Conv3D` (volumes).
+
+`VolumeUpsampling` is the 3D upsampling of the volume models: nearest or trilinear, any
+integer factor per axis, from slices, sums and rank <= 4 reshapes (TFLite builtins only).
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ def _on_tensorflow() -> bool:
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` computed by TensorFlow's fused kernel.
 
-    Used for 4-D channels-last inputs on the TensorFlow backend; masks, renormalization,
-    synchronized statistics and other layouts take the Keras path. The moving statistics
-    follow Keras' rule (biased batch variance, `momentum` as the decay), so weights move
-    freely between the two layers.
+    Used for 4-D (images) and 5-D (volumes) channels-last inputs on the TensorFlow backend;
+    masks, renormalization, synchronized statistics and other layouts take the Keras path.
+    The moving statistics follow Keras' rule (biased batch variance, `momentum` as the
+    decay), so weights move freely between the two layers.
 
     Example:
         >>> layer = FusedBatchNormalization()
@@ -52,8 +56,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             and mask is None
             and not self.renorm
             and not self.synchronized
-            and len(inputs.shape) == 4
-            and self.axis in (3, -1)
+            and len(inputs.shape) in (4, 5)
+            and self.axis in (len(inputs.shape) - 1, -1)
         )
 
     def call(self, inputs, training=None, mask=None):
@@ -63,11 +67,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
         channels = x.shape[-1]
+        layout = "NHWC" if len(x.shape) == 4 else "NDHWC"
         gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones((channels,), tf.float32)
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros((channels,), tf.float32)
         if training and self.trainable:
             y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+                x, gamma, beta, epsilon=self.epsilon, data_format=layout, is_training=True
             )
             # The fused op returns the unbiased variance; Keras averages the biased one.
             count = tf.cast(tf.size(x) // channels, tf.float32)
@@ -80,7 +85,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             y, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta, mean=tf.convert_to_tensor(self.moving_mean),
                 variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
-                data_format="NHWC", is_training=False,
+                data_format=layout, is_training=False,
             )
         return tf.cast(y, self.compute_dtype)
 
@@ -162,46 +167,38 @@ class FusedDropout(keras.layers.Dropout):
         return self.apply_mask(inputs, self.seed_generator.next())
 
 
-def _part_shapes(input_shape) -> list:
+def _part_shapes(input_shape, layer_class: str, plain: str) -> list:
     """The list of part shapes in `input_shape` (a list of shapes), or a clear error."""
     shapes = list(input_shape) if isinstance(input_shape, (list, tuple)) else []
     if not shapes or not all(isinstance(shape, (list, tuple)) for shape in shapes):
         raise ValueError(
-            f"ConcatConv2D takes a list of tensors (the parts of the concatenation), got input shape "
-            f"{input_shape!r}; for a single tensor use keras.layers.Conv2D."
+            f"{layer_class} takes a list of tensors (the parts of the concatenation), got input shape "
+            f"{input_shape!r}; for a single tensor use keras.layers.{plain}."
         )
     return [tuple(shape) for shape in shapes]
 
 
-@keras.saving.register_keras_serializable(package="unetpp_tf")
-class ConcatConv2D(keras.layers.Conv2D):
-    """`Conv2D(concatenate(parts))` without materialising the concatenation in training.
+class _ConcatConv:
+    """The concatenation-free training call shared by `ConcatConv2D` and `ConcatConv3D`.
 
-    Called on a list of tensors that agree in every dimension but channels, it holds the one
-    kernel a `Conv2D` over their concatenation would hold (kh, kw, sum of the channels,
-    filters), with the same configuration, bias, regularizers and parameter count. Training
-    calls compute the sum over the parts of a convolution with the part's kernel slice, so
-    the concatenated tensor and, in the backward pass, its gradient and their slices are
-    never built; inference calls concatenate and run `Conv2D.call`, the plain graph (one
-    convolution op in exported models). Both equal the concatenated form up to float rounding.
-
-    Example:
-        >>> layer = ConcatConv2D(8, 3, padding="same")
-        >>> parts = [np.ones((2, 16, 16, 4), "float32"), np.ones((2, 16, 16, 6), "float32")]
-        >>> tuple(layer(parts, training=True).shape), tuple(layer.kernel.shape)
-        ((2, 16, 16, 8), (3, 3, 10, 8))
+    Mixed in before a Keras convolution class (`Conv2D`, `Conv3D`), whose kernel has the shape
+    (k..., sum of the part channels, filters); nothing here depends on the number of spatial axes.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Conv2D's input spec describes one tensor; this layer checks its list of parts itself.
+        # The convolution's input spec describes one tensor; this layer checks its list of parts itself.
         self.input_spec = None
 
     def _channel_axis(self) -> int:
         return -1 if self.data_format == "channels_last" else 1
 
+    def _parts(self, input_shape) -> list:
+        plain = type(self).__name__.removeprefix("Concat")
+        return _part_shapes(input_shape, type(self).__name__, plain)
+
     def _merged_shape(self, input_shape) -> tuple:
-        shapes = _part_shapes(input_shape)
+        shapes = self._parts(input_shape)
         axis = self._channel_axis()
         channels = [shape[axis] for shape in shapes]
         if any(c is None for c in channels):
@@ -217,14 +214,16 @@ class ConcatConv2D(keras.layers.Conv2D):
 
     def build(self, input_shape):
         if self.groups != 1:
-            raise ValueError(f"layer {self.name!r}: ConcatConv2D supports groups=1 only, got groups={self.groups}.")
+            raise ValueError(
+                f"layer {self.name!r}: {type(self).__name__} supports groups=1 only, got groups={self.groups}."
+            )
         axis = self._channel_axis()
-        self.part_channels = [shape[axis] for shape in _part_shapes(input_shape)]
+        self.part_channels = [shape[axis] for shape in self._parts(input_shape)]
         super().build(self._merged_shape(input_shape))
         self.input_spec = None
 
     def compute_output_shape(self, input_shape):
-        # Conv2D.build checks the merged (single-tensor) shape through this method too.
+        # The convolution's build checks the merged (single-tensor) shape through this method too.
         if input_shape and isinstance(input_shape[0], (list, tuple)):
             input_shape = self._merged_shape(input_shape)
         return super().compute_output_shape(input_shape)
@@ -242,15 +241,156 @@ class ConcatConv2D(keras.layers.Conv2D):
         outputs, start = None, 0
         for part, count in zip(parts, channels):
             term = keras.ops.conv(
-                part, kernel[:, :, start:start + count, :], strides=self.strides, padding=self.padding,
+                part, kernel[..., start:start + count, :], strides=self.strides, padding=self.padding,
                 data_format=self.data_format, dilation_rate=self.dilation_rate,
             )
             outputs = term if outputs is None else keras.ops.add(outputs, term)
             start += count
         if self.use_bias:
-            shape = (1, 1, 1, self.filters) if self.data_format == "channels_last" else (1, self.filters, 1, 1)
+            spatial = (1,) * (len(self.kernel.shape) - 2)
+            last = self.data_format == "channels_last"
+            shape = (1, *spatial, self.filters) if last else (1, self.filters, *spatial)
             outputs = keras.ops.add(outputs, keras.ops.reshape(self.bias, shape))
         return self.activation(outputs) if self.activation is not None else outputs
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class ConcatConv2D(_ConcatConv, keras.layers.Conv2D):
+    """`Conv2D(concatenate(parts))` without materialising the concatenation in training.
+
+    Called on a list of tensors that agree in every dimension but channels, it holds the one
+    kernel a `Conv2D` over their concatenation would hold (kh, kw, sum of the channels,
+    filters), with the same configuration, bias, regularizers and parameter count. Training
+    calls compute the sum over the parts of a convolution with the part's kernel slice, so
+    the concatenated tensor and, in the backward pass, its gradient and their slices are
+    never built; inference calls concatenate and run `Conv2D.call`, the plain graph (one
+    convolution op in exported models). Both equal the concatenated form up to float rounding.
+
+    Example:
+        >>> layer = ConcatConv2D(8, 3, padding="same")
+        >>> parts = [np.ones((2, 16, 16, 4), "float32"), np.ones((2, 16, 16, 6), "float32")]
+        >>> tuple(layer(parts, training=True).shape), tuple(layer.kernel.shape)
+        ((2, 16, 16, 8), (3, 3, 10, 8))
+    """
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class ConcatConv3D(_ConcatConv, keras.layers.Conv3D):
+    """`Conv3D(concatenate(parts))` without materialising the concatenation in training.
+
+    The volume twin of `ConcatConv2D`: one (kd, kh, kw, sum of the channels, filters) kernel,
+    a sum of per-part convolutions in training, one `Conv3D` over the concatenation otherwise.
+
+    Example:
+        >>> layer = ConcatConv3D(8, 3, padding="same")
+        >>> parts = [np.ones((1, 8, 8, 8, 4), "float32"), np.ones((1, 8, 8, 8, 2), "float32")]
+        >>> tuple(layer(parts, training=True).shape), tuple(layer.kernel.shape)
+        ((1, 8, 8, 8, 8), (3, 3, 3, 6, 8))
+    """
+
+
+def _interleave(phases: list, axis: int):
+    """Stack same-shape tensors along a new axis after `axis` and merge the two (rank <= 4 reshapes)."""
+    x = phases[0]
+    if len(phases) == 1:
+        return x
+    shape = keras.ops.shape(x)
+    rank = len(x.shape)
+    before = shape[0]
+    for d in range(1, axis):
+        before = before * shape[d]
+    after = 1
+    for d in range(axis + 1, rank):
+        after = after * shape[d]
+    flat = [keras.ops.reshape(p, (before, shape[axis], after)) for p in phases]
+    merged = keras.ops.stack(flat, axis=2)
+    return keras.ops.reshape(
+        merged, tuple(shape[:axis]) + (shape[axis] * len(phases),) + tuple(shape[axis + 1:])
+    )
+
+
+def _shifted(x, axis: int, step: int):
+    """`x` moved one position along `axis` (step -1: previous element, +1: next), edges repeated."""
+    count = x.shape[axis]
+    index = [slice(None)] * len(x.shape)
+    if step < 0:
+        index[axis] = slice(0, 1)
+        first = x[tuple(index)]
+        index[axis] = slice(0, -1 if count is None else count - 1)
+        return keras.ops.concatenate([first, x[tuple(index)]], axis=axis)
+    index[axis] = slice(1, None)
+    rest = x[tuple(index)]
+    index[axis] = slice(-1, None)
+    return keras.ops.concatenate([rest, x[tuple(index)]], axis=axis)
+
+
+def upsample_axis(x, axis: int, factor: int, interpolation: str = "linear"):
+    """Upsample `x` by the integer `factor` along `axis`: nearest (repeat) or linear (half-pixel centres).
+
+    Linear uses the convention of `tf.image.resize(..., "bilinear")` (half-pixel centres,
+    edges clamped): output position p of input cell k samples k + (p + 0.5) / factor - 0.5.
+
+    Example:
+        >>> upsample_axis(np.array([[0.0, 4.0]]), 1, 2).tolist()
+        [[0.0, 1.0, 3.0, 4.0]]
+    """
+    x = keras.ops.convert_to_tensor(x)
+    if factor == 1:
+        return x
+    if interpolation == "nearest":
+        return _interleave([x] * factor, axis)
+    before, after = _shifted(x, axis, -1), _shifted(x, axis, 1)
+    phases = []
+    for p in range(factor):
+        offset = (p + 0.5) / factor - 0.5
+        if offset < 0:
+            phases.append(x * (1.0 + offset) + before * (-offset))
+        else:
+            phases.append(x * (1.0 - offset) + after * offset)
+    return _interleave(phases, axis)
+
+
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class VolumeUpsampling(keras.layers.Layer):
+    """Upsample channels-last volumes [B, D, H, W, C] by an integer factor per axis.
+
+    "nearest" repeats voxels (as `keras.layers.UpSampling3D`); "trilinear" interpolates
+    along each axis in turn with half-pixel centres and clamped edges, the 3D form of
+    `tf.image.resize(..., "bilinear")`. Built from slices, weighted sums and reshapes of rank
+    <= 4, so it runs at None sizes, on every backend, and converts to TFLite builtins.
+
+    Args:
+        size: int or tuple of 3 ints. Factor per axis (depth, height, width). Defaults to 2.
+        interpolation: str. "nearest" or "trilinear". Defaults to "trilinear".
+
+    Example:
+        >>> tuple(VolumeUpsampling((1, 2, 2))(np.ones((1, 3, 4, 5, 2), "float32")).shape)
+        (1, 3, 8, 10, 2)
+    """
+
+    def __init__(self, size=2, interpolation: str = "trilinear", **kwargs):
+        super().__init__(**kwargs)
+        size = (size,) * 3 if isinstance(size, int) else tuple(size)
+        if len(size) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+            raise ValueError(f"VolumeUpsampling size must be a positive integer or 3 of them, got {size!r}.")
+        if interpolation not in ("nearest", "trilinear"):
+            raise ValueError(f"VolumeUpsampling interpolation must be 'nearest' or 'trilinear', got {interpolation!r}.")
+        self.size = size
+        self.interpolation = interpolation
+
+    def call(self, inputs):
+        mode = "nearest" if self.interpolation == "nearest" else "linear"
+        x = inputs
+        for axis, factor in enumerate(self.size, start=1):
+            x = upsample_axis(x, axis, factor, mode)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        batch, *spatial, channels = input_shape
+        return (batch, *(None if n is None else n * f for n, f in zip(spatial, self.size)), channels)
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "interpolation": self.interpolation}
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")

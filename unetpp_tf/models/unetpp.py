@@ -1,4 +1,4 @@
-"""The UNet++ and U-Net graphs, built with the functional API from one function.
+"""The UNet++ and U-Net graphs, 2D and 3D, built with the functional API from one function.
 
 Nodes follow the paper's notation: X(i, j) is the node at encoder level i (0 = full
 resolution) and column j. Column 0 is the encoder; for j > 0 UNet++ computes
@@ -9,18 +9,21 @@ while U-Net keeps only the nodes with i + j == depth and the skip X(i, 0). Layer
 named after their node (`x_{i}_{j}_conv1`, `x_{i}_{j}_up`, ...); the heads on X(0, j) are
 named `output_{j}`, as in the paper's official code. The concatenation of a decoder node is
 the input of its first convolution, a `ConcatConv2D` over the list of parts (the weights of
-a Conv2D over the concatenation), so training never materialises it.
+a Conv2D over the concatenation), so training never materialises it. An input shape of rank
+4, (D, H, W, C), builds the same graph for volumes from the 3D layers (`blocks.layer_family`),
+with per-level (possibly anisotropic) pooling factors.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Sequence
 
 import keras
 
-from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, segmentation_head, upsample
+from unetpp_tf.models.blocks import UPSAMPLING_MODES, conv_block, layer_family, segmentation_head, upsample
 from unetpp_tf.models.encoders import encoder_features
 from unetpp_tf.models.preprocessing import preprocessing_layer
 from unetpp_tf.models.recompute import with_recompute
@@ -86,28 +89,118 @@ def check_model_options(num_classes, dropout: float, bn_momentum: float, encoder
         raise ValueError(f"encoder_weights must be 'imagenet', None or a file path, got {encoder_weights!r}.")
 
 
-def check_input_shape(input_shape, depth: int, encoder=None) -> tuple:
-    if len(input_shape) != 3:
+def resolve_pool_sizes(pool_sizes, depth: int, rank: int) -> list[tuple[int, ...]]:
+    """The pooling factors of each level as `depth` tuples of `rank` ints (2 everywhere for None).
+
+    Args:
+        pool_sizes: None or a sequence of `depth` entries, each an int (every axis) or a
+            per-axis tuple such as (1, 2, 2).
+        depth: int. Number of poolings.
+        rank: int. Spatial axes: 2 for images, 3 for volumes.
+
+    Example:
+        >>> resolve_pool_sizes([(1, 2, 2), 2], 2, 3)
+        [(1, 2, 2), (2, 2, 2)]
+    """
+    if pool_sizes is None:
+        return [(2,) * rank] * depth
+    if isinstance(pool_sizes, (str, bytes)) or not isinstance(pool_sizes, Sequence) or len(pool_sizes) != depth:
         raise ValueError(
-            f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}; "
-            "use None for a variable height or width."
+            f"pool_sizes must have one entry per level (depth {depth}), each an int or a tuple of {rank} ints, "
+            f"e.g. {[(1, 2, 2)] + [2] * (depth - 1) if rank == 3 else [2] * depth}; got {pool_sizes!r}."
         )
-    height, width, channels = input_shape
-    if not isinstance(channels, int) or channels < 1:
+    levels = []
+    for level, entry in enumerate(pool_sizes):
+        factors = (entry,) * rank if isinstance(entry, int) and not isinstance(entry, bool) else entry
+        if (
+            not isinstance(factors, Sequence)
+            or len(factors) != rank
+            or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in factors)
+        ):
+            raise ValueError(
+                f"pool_sizes[{level}] must be a positive int or a tuple of {rank} positive ints "
+                f"(one per spatial axis), got {entry!r}."
+            )
+        levels.append(tuple(factors))
+    return levels
+
+
+def pool_sizes_for_spacing(spacing, depth: int) -> list[tuple[int, ...]]:
+    """Per-level pooling factors for voxels of `spacing`, so that thick axes are pooled later.
+
+    The nnU-Net rule: an axis whose current spacing is more than twice the finest current
+    spacing is not pooled (factor 1) until the other axes, pooled by 2 at each level, have
+    caught up; every other axis is pooled by 2. Isotropic spacing gives 2 everywhere.
+
+    Args:
+        spacing: sequence of floats. Voxel size per spatial axis, e.g. (z, y, x) in mm.
+        depth: int. Number of poolings.
+
+    Returns:
+        list: `depth` tuples of factors, for `build_unetpp(..., pool_sizes=...)`.
+
+    Example:
+        >>> pool_sizes_for_spacing((5.0, 1.0, 1.0), 4)
+        [(1, 2, 2), (1, 2, 2), (2, 2, 2), (2, 2, 2)]
+    """
+    _check_depth(depth)
+    current = [float(s) for s in spacing]
+    if len(current) not in (2, 3) or any(not s > 0 for s in current):
+        raise ValueError(f"spacing must be 2 or 3 positive sizes (one per spatial axis), got {spacing!r}.")
+    levels = []
+    for _ in range(depth):
+        finest = min(current)
+        factors = tuple(1 if s > 2.0 * finest else 2 for s in current)
+        current = [s * f for s, f in zip(current, factors)]
+        levels.append(factors)
+    return levels
+
+
+def check_input_shape(input_shape, depth: int, encoder=None, pool_sizes=None, volumes: bool = False) -> tuple:
+    """Check `input_shape` against the downsampling of `depth` levels; return it as a tuple.
+
+    Args:
+        input_shape: tuple. (H, W, C), or (D, H, W, C) with `volumes=True`; sizes may be None.
+        depth: int. Number of poolings.
+        encoder: the encoder, if any (only changes the message).
+        pool_sizes: None or per-level factors (`resolve_pool_sizes`). Defaults to None (2).
+        volumes: bool. Accept (D, H, W, C). Defaults to False.
+
+    Example:
+        >>> check_input_shape((16, 64, 64, 1), 2, pool_sizes=[(1, 2, 2), 2], volumes=True)
+        (16, 64, 64, 1)
+    """
+    shape = tuple(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else None
+    if shape is None or len(shape) not in ((3, 4) if volumes else (3,)):
+        expected = "(height, width, channels) or (depth, height, width, channels)" if volumes else (
+            "(height, width, channels)"
+        )
+        raise ValueError(
+            f"input_shape must be {expected}, got {input_shape!r}; use None for a variable spatial size."
+        )
+    *spatial, channels = shape
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"input channels must be a positive integer, got {channels!r}.")
-    multiple = 2**depth
-    for label, size in (("height", height), ("width", width)):
+    labels = ("height", "width") if len(spatial) == 2 else ("depth", "height", "width")
+    levels = resolve_pool_sizes(pool_sizes, depth, len(spatial))
+    for axis, (label, size) in enumerate(zip(labels, spatial)):
         if size is None:
             continue
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"input {label} must be a positive integer or None, got {size!r}.")
+        multiple = math.prod(level[axis] for level in levels)
         if size % multiple:
-            why = f"depth {depth}" if encoder is None else f"the encoder and decoder downsample {multiple}x"
+            if encoder is not None:
+                why = f"the encoder and decoder downsample {multiple}x"
+            elif pool_sizes is None:
+                why = f"depth {depth}"
+            else:
+                why = f"the {label} pool sizes {[level[axis] for level in levels]} multiply to {multiple}"
             raise ValueError(
                 f"input {label} {size} is not divisible by {multiple} ({why}); "
                 f"resize or pad to {_nearest_valid(size, multiple)}."
             )
-    return tuple(input_shape)
+    return shape
 
 
 def resolve_output_activation(output_activation, num_classes: int):
@@ -139,15 +232,27 @@ def _build(
     encoder=None,
     encoder_weights=None,
     encoder_trainable: bool = True,
+    pool_sizes=None,
 ) -> keras.Model:
     _check_depth(depth)
     widths = _resolve_widths(filters, depth, width_multiplier)
+    volumes = isinstance(input_shape, Sequence) and len(input_shape) == 4
+    if volumes and (encoder is not None or encoder_weights is not None):
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} builds a 3D model, and the pretrained encoders are 2D "
+            "(keras.applications image backbones): leave encoder and encoder_weights unset for volumes, "
+            "or train a 2D/2.5D model on slices with input_shape=(height, width, channels)."
+        )
     if encoder is not None:
         _check_encoder_options(depth, recompute)
+        if pool_sizes is not None:
+            raise ValueError("pool_sizes is for the built-in encoder; a pretrained encoder fixes its own strides.")
     elif encoder_weights is not None:
         raise ValueError("encoder_weights needs an encoder: pass encoder='resnet50' (or another name) as well.")
     # with an encoder, level i of the decoder sits at stride 2**(i + 1) and a head upsamples to full size
-    input_shape = check_input_shape(input_shape, depth + (encoder is not None), encoder)
+    input_shape = check_input_shape(input_shape, depth + (encoder is not None), encoder, pool_sizes, volumes=True)
+    rank = len(input_shape) - 1
+    pools = resolve_pool_sizes(pool_sizes, depth, rank)
     check_model_options(num_classes, dropout, bn_momentum, encoder_weights)
     if upsampling not in UPSAMPLING_MODES:
         raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}.")
@@ -177,7 +282,8 @@ def _build(
             x[0, 0] = conv_block(pooled, widths[0], name="x_0_0", **block)
     else:
         for i in range(depth + 1):
-            source = image if i == 0 else keras.layers.MaxPooling2D(2, name=f"x_{i}_0_pool")(x[i - 1, 0])
+            pool = layer_family(rank).pool
+            source = image if i == 0 else pool(pools[i - 1], name=f"x_{i}_0_pool")(x[i - 1, 0])
             x[i, 0] = conv_block(source, widths[i], name=f"x_{i}_0", **block)
     for j in range(1, depth + 1):
         for i in range(depth - j + 1):
@@ -189,6 +295,7 @@ def _build(
                 name=f"x_{i}_{j}_up",
                 mode=upsampling,
                 kernel_initializer=kernel_initializer,
+                size=pools[i],
             )
             skips = [x[i, k] for k in range(j)] if nested else [x[i, 0]]
             x[i, j] = conv_block([*skips, up], widths[i], name=f"x_{i}_{j}", **block)
@@ -235,10 +342,14 @@ def build_unetpp(
     encoder=None,
     encoder_weights=None,
     encoder_trainable: bool = True,
+    pool_sizes=None,
     name: str = "unetpp",
 ) -> keras.Model:
-    """Build a UNet++ (nested U-Net) as a functional `keras.Model`.
+    """Build a UNet++ (nested U-Net) as a functional `keras.Model`, 2D or 3D.
 
+    `input_shape=(H, W, C)` builds the image network (Conv2D, 2D pooling and upsampling);
+    `input_shape=(D, H, W, C)` builds the volume network from the same code (Conv3D,
+    MaxPooling3D, Conv3DTranspose or trilinear/nearest upsampling), with the same layer names.
     With `deep_supervision=True` the model has one output per decoder column,
     `output_1` ... `output_{depth}` (heads on X(0, 1..depth)), for a loss on each;
     `unetpp_tf.inference_model` turns it into the paper's "accurate" (mean of heads) or
@@ -246,8 +357,10 @@ def build_unetpp(
     `unetpp_tf.from_preset("paper")` gives the paper's exact configuration.
 
     Args:
-        input_shape: tuple. (height, width, channels); height and width may be None and
-            otherwise must be divisible by 2**depth. Defaults to (None, None, 1).
+        input_shape: tuple. (height, width, channels) for images or (depth, height, width,
+            channels) for volumes; spatial sizes may be None and otherwise must be divisible
+            by 2**depth (by the product of `pool_sizes` along that axis). Defaults to
+            (None, None, 1).
         num_classes: int. 1 for binary segmentation (sigmoid), K > 1 for K classes
             (softmax). Defaults to 1.
         depth: int. Number of poolings (the paper uses 4). Defaults to 4.
@@ -261,8 +374,8 @@ def build_unetpp(
             Defaults to 0.9 (PyTorch's default).
         dropout: float. Dropout after each convolution. Defaults to 0.0.
         l2: float. L2 weight decay on convolution kernels. Defaults to 0.0.
-        upsampling: str. "transpose" (2x2 stride-2 transposed conv), "bilinear" or
-            "nearest". Defaults to "transpose".
+        upsampling: str. "transpose" (2x2 stride-2 transposed conv), "bilinear" (trilinear
+            on volumes) or "nearest". Defaults to "transpose".
         activation: str. Activation of the hidden convolutions. Defaults to "relu".
         kernel_initializer: str. Defaults to "he_normal".
         output_activation: str or None. "auto" is sigmoid for one class and softmax
@@ -288,13 +401,18 @@ def build_unetpp(
             list, a dict, or a keras-hub backbone with `pyramid_outputs`). The decoder level i
             then sits at stride 2**(i + 1) and each head upsamples to full resolution; inputs
             must be divisible by 2**(depth + 1) (32 at depth 4). None builds the paper's own
-            encoder. Defaults to None.
+            encoder. Encoders are 2D: a volume model takes none. Defaults to None.
         encoder_weights: "imagenet", a weights file path or None. Weights of a named encoder:
             ImageNet (downloaded by Keras), a local copy of that file or one written with
             `save_weights`, or None for random initialization. Defaults to None.
         encoder_trainable: bool. False freezes the encoder (BatchNorm in inference mode).
             Defaults to True. The encoder's BatchNorm layers take `bn_momentum` too (the
             keras.applications values, 0.99-0.999, are far too slow for short runs).
+        pool_sizes: None or sequence. The pooling factors of each level: `depth` entries,
+            each an int (every axis) or a per-axis tuple such as (1, 2, 2) (keep the slice
+            axis of a thick-slice CT); the upsampling back to that level uses the same
+            factors. `pool_sizes_for_spacing(spacing, depth)` derives them from the voxel
+            spacing. None pools by 2 on every axis at every level. Defaults to None.
         name: str. Model name. Defaults to "unetpp".
 
     Returns:
@@ -305,6 +423,7 @@ def build_unetpp(
         >>> model = build_unetpp((96, 96, 1), depth=4, filters=32, deep_supervision=True)
         >>> [o.name for o in model.outputs][:1], len(model.outputs)
         >>> tuned = build_unetpp((256, 256, 3), encoder="resnet50", encoder_weights="imagenet")
+        >>> ct = build_unetpp((32, 128, 128, 1), depth=3, pool_sizes=[(1, 2, 2), 2, 2])
     """
     return _build(
         True,
@@ -328,6 +447,7 @@ def build_unetpp(
         encoder=encoder,
         encoder_weights=encoder_weights,
         encoder_trainable=encoder_trainable,
+        pool_sizes=pool_sizes,
     )
 
 
@@ -354,10 +474,11 @@ def build_unet(
         **options: the keyword options of `build_unetpp` (batch_norm, bn_momentum, dropout, l2,
             upsampling, activation, kernel_initializer, output_activation,
             width_multiplier, recompute, preprocessing, encoder, encoder_weights,
-            encoder_trainable).
+            encoder_trainable, pool_sizes).
 
     Example:
         >>> wide = build_unet((96, 96, 1), filters=(35, 70, 140, 280, 560))
+        >>> volume = build_unet((64, 64, 64, 1), depth=3, filters=16)
     """
     if options.pop("deep_supervision", False):
         raise ValueError(
