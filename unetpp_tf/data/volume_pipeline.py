@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from unetpp_tf.data import medical_io
 from unetpp_tf.data.checks import describe
 from unetpp_tf.data.masks import check_num_classes, classes_from_max_id, max_class_id
-from unetpp_tf.data.pairing import recorded_parts
 from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices
-from unetpp_tf.data.volumes import Volume
+from unetpp_tf.data.volumes import Volume, apply_window, resample, window_range
 
 AUTOTUNE = tf.data.AUTOTUNE
 MODES = ("3d", "2.5d", "2d")
@@ -137,6 +137,8 @@ def from_volumes(
     _positive(batch_size, "batch_size")
     num_classes = check_num_classes(num_classes)
     spacing = _check_spacing(spacing)
+    if window is not None:
+        window_range(window)  # an unknown window fails here, before any scan is read
 
     parts, files, where = _load_parts(root, images, masks, volumes, splits, split, seed, spacing, window)
     all_scans = [scan for name in SPLITS for scan in parts[name]]
@@ -229,15 +231,21 @@ def _positive(value, name: str) -> int:
 
 
 def _check_spacing(spacing):
+    """None, one number (isotropic) or (z, y, x) where None keeps that axis of each scan."""
     if spacing is None:
         return None
+    number = isinstance(spacing, (int, float, np.number)) and not isinstance(spacing, bool)
+    values = (spacing,) * 3 if number else spacing
     try:
-        values = tuple(float(s) for s in spacing)
-        ok = len(values) == 3 and all(np.isfinite(s) and s > 0 for s in values)
+        values = tuple(None if v is None else float(v) for v in values)
+        ok = len(values) == 3 and all(v is None or (np.isfinite(v) and v > 0) for v in values)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"spacing must be three positive voxel sizes (z, y, x) in mm, or None; got {spacing!r}.")
+        raise ValueError(
+            f"spacing must be a positive voxel size in mm or three (z, y, x), where None keeps an axis; "
+            f"got {spacing!r}."
+        )
     return values
 
 
@@ -283,10 +291,8 @@ def _load_parts(root, images, masks, volumes, splits, split, seed, spacing, wind
         parts = {name: [_prepare(volumes[i], spacing, window) for i in indices[name]] for name in SPLITS}
         return parts, {name: [] for name in SPLITS}, "memory"
 
-    from unetpp_tf.data import medical_io  # deferred: nibabel/pydicom are the medical extra
-
     if splits is not None:
-        pairs = {name: [(Path(a), Path(b)) for a, b in found] for name, found in recorded_parts(splits).items()}
+        pairs = _recorded_pairs(splits)
         where = "recorded splits"
     else:
         if root is None and images is None:
@@ -302,6 +308,37 @@ def _load_parts(root, images, masks, volumes, splits, split, seed, spacing, wind
     }
     files = {name: [(str(image), str(label)) for image, label in pairs[name]] for name in SPLITS}
     return parts, files, where
+
+
+def _recorded_pairs(splits) -> dict:
+    """{split: [(image, label) Path]} from a recorded `data.files`; scans may be files or DICOM folders."""
+    if not isinstance(splits, Mapping) or not any(name in splits for name in SPLITS):
+        raise ValueError(
+            f"splits must be a dict {{'train'|'val'|'test': [(image, label), ...]}} such as a run's data.files, "
+            f"got {type(splits).__name__}."
+        )
+    pairs, seen = {}, {}
+    for name in SPLITS:
+        pairs[name] = []
+        for entry in splits.get(name) or ():
+            if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"splits[{name!r}] holds {entry!r}; each entry must be an (image, label) path pair.")
+            pair = (Path(entry[0]), Path(entry[1]))
+            if pair[0] in seen:
+                raise ValueError(
+                    f"scan {pair[0]} is listed in both the {seen[pair[0]]} and the {name} split; keep it in one."
+                )
+            seen[pair[0]] = name
+            pairs[name].append(pair)
+    if not seen:
+        raise ValueError("splits lists no (image, label) pairs; pass a recorded split with scans in it.")
+    missing = [str(path) for name in SPLITS for pair in pairs[name] for path in pair if not path.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} scan file(s) of the recorded split no longer exist: {describe(missing)}; restore them, "
+            "or split the folder anew (no splits=)."
+        )
+    return pairs
 
 
 def _split_scans(count: int, split, seed: int) -> dict:
@@ -347,13 +384,9 @@ def _prepare(volume: Volume, spacing, window) -> Volume:
         )
     volume = dataclasses.replace(volume, image=image, label=label)
     if spacing is not None:
-        from unetpp_tf.data.volumes import resample
-
         volume = resample(volume, spacing)
     image = np.asarray(volume.image, np.float32)
     if window is not None:
-        from unetpp_tf.data.volumes import apply_window
-
         image = np.asarray(apply_window(image, window), np.float32)
     if not np.all(np.isfinite(image)):
         raise ValueError(f"scan {volume.name!r}: the image holds NaN or infinite values; clean the scan first.")
