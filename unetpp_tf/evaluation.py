@@ -155,12 +155,14 @@ def _scored_classes(num_classes: int) -> list[int]:
 
 
 def _distances(predicted, truth, num_classes, spacing) -> tuple[list, list]:
-    """(HD95 per scored class, ASSD per scored class) for one image or volume."""
+    """(HD95 per scored class, ASSD per scored class) for one image or volume; void voxels
+    (multi-class ids >= num_classes) belong to no class, in the prediction either."""
     from unetpp_tf.surface_distance import average_surface_distance, hausdorff_distance
 
+    valid = truth < num_classes if num_classes > 1 else True
     hd95, assd = [], []
     for c in _scored_classes(num_classes):
-        pred, ref = predicted == c, truth == c
+        pred, ref = (predicted == c) & valid, truth == c
         hd95.append(hausdorff_distance(pred, ref, spacing, percentile=95))
         assd.append(average_surface_distance(pred, ref, spacing))
     return hd95, assd
@@ -274,7 +276,9 @@ def evaluate_volumes(
     if isinstance(volumes, SegmentationData):
         raise ValueError('volumes is a SegmentationData; pass the scans of one split, e.g. data.volumes["test"].')
     if isinstance(volumes, dict):
-        raise ValueError(f'volumes is a dict (keys {sorted(volumes)}); pass one split\'s list, e.g. volumes["test"].')
+        raise ValueError(
+            f'volumes is a dict (keys {sorted(volumes)}); pass the scans of one split, e.g. data.volumes["test"].'
+        )
     volumes = list(volumes)
     if not volumes:
         raise ValueError("volumes is empty: no scan to evaluate.")
