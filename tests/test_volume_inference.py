@@ -126,6 +126,21 @@ def test_blending_matches_a_plain_reference_loop(net3d, rng, blend):
     assert all(shape[1:] == (8, 8, 8, 1) for shape in recorder.batches)
 
 
+def test_deep_supervision_unetpp_runs_in_accurate_mode(rng):
+    import unetpp_tf
+
+    keras.utils.set_random_seed(2)
+    model = unetpp_tf.build_unetpp((None, None, None, 1), depth=2, filters=2, deep_supervision=True)
+    image = rng.random((12, 16, 16, 1), dtype=np.float32)
+    heads = model.predict_on_batch(image[None, :8, :8, :8])
+    window = vi.sliding_window_predict(model, image[:8, :8, :8], patch_size=8)
+    np.testing.assert_allclose(window, np.mean([h[0] for h in heads], axis=0), atol=1e-6)  # mean of the heads
+    probs = vi.sliding_window_predict(model, image, patch_size=(8, 8, 8), overlap=0.25)
+    assert probs.shape == (12, 16, 16, 1) and np.all((probs > 0) & (probs < 1))
+    with pytest.raises(ValueError, match=r"cannot run on patches of \(6, 8, 8\) voxels.*divisible"):
+        vi.sliding_window_predict(model, image, patch_size=(6, 8, 8))
+
+
 def test_sliding_window_refuses_bad_arguments(net3d, rng):
     image = rng.random((8, 8, 8, 1), dtype=np.float32)
     with pytest.raises(ValueError, match="pass patch_size"):
