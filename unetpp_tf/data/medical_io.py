@@ -574,8 +574,8 @@ def write_scan(array, path, like: Volume, *, order: int = 0) -> Path:
     shape = tuple(like.image.shape[:3])
     if array.ndim not in (3, 4) or array.shape[:3] != shape:
         raise ValueError(
-            f"write_scan: array of shape {array.shape} for {path} does not lie on the grid of volume "
-            f"{like.name!r} ({shape}); pass [D, H, W] labels or [D, H, W, K] probabilities of that grid."
+            f"write_scan: array of shape {array.shape} for {path} does not lie on the {shape} grid of volume "
+            f"{like.name!r}; pass [D, H, W] labels or [D, H, W, K] probabilities of that grid."
         )
     dtype = _output_dtype(array, order)
     source = like.source or {}

@@ -115,28 +115,32 @@ def _segment_occupancy(grid: _Grid, start, end, radius: float, box):
     return np.clip((radius - np.sqrt(d2)) / edge + 0.5, 0.0, 1.0)
 
 
-def _vessel_tree(rng, grid: _Grid, lung: np.ndarray, hilum, trunks, radius: float, length: float):
-    """Segments (start, end, radius) of a vessel tree grown from `hilum` along the `trunks` directions."""
+def _vessel_tree(rng, grid: _Grid, inside: np.ndarray, hilum, trunks, radius: float, length: float):
+    """Segments (start, end, radius) of a vessel tree grown from `hilum` along the `trunks` directions.
+
+    `inside` is the distance (mm) of each voxel inside the lung; a branch whose end would leave
+    the lung is turned (a few tries, wider each time) or, failing that, dropped.
+    """
     segments = []
-    stack = [(np.asarray(hilum, float), _unit(d), radius * rng.uniform(0.85, 1.1), length * rng.uniform(0.8, 1.1))
+    stack = [(np.asarray(hilum, float), _unit(d), radius * rng.uniform(0.85, 1.1), length * rng.uniform(0.8, 1.1), 0)
              for d in trunks]
     while stack:
-        start, direction, r, ell = stack.pop()
-        end = start + direction * ell
-        inside = lung[grid.index(end)]
-        if not inside:  # reaching the wall: a shorter last piece, no children
-            end = start + direction * ell * 0.5
-            segments.append((start, end, r))
+        start, direction, r, ell, generation = stack.pop()
+        for attempt in range(5):
+            trial = direction if attempt == 0 else _turn(direction, rng.uniform(0.3, 0.5) * attempt, rng)
+            end = start + trial * ell
+            if inside[grid.index(end)] >= max(r, 0.5) or (generation == 0 and attempt == 4):
+                break
+        else:
             continue
         segments.append((start, end, r))
-        if r * 0.72 < 0.45:
+        if r * 0.75 < 0.45:
             continue
-        spread = rng.uniform(0.35, 0.7)
-        first = _turn(direction, spread, rng)
-        second = _unit(2 * direction - first)  # the other side of the parent's direction
-        second = _turn(second, rng.uniform(0.0, 0.2), rng)
-        for child in (first, second):
-            stack.append((end, child, r * rng.uniform(0.68, 0.8), ell * rng.uniform(0.72, 0.9)))
+        children = 3 if rng.uniform() < 0.2 else 2
+        first = _turn(trial, rng.uniform(0.35, 0.7), rng)
+        others = [_unit(2 * trial - first)] + [_turn(trial, rng.uniform(0.5, 0.9), rng)] * (children - 2)
+        for child in [first] + others:
+            stack.append((end, child, r * rng.uniform(0.7, 0.82), ell * rng.uniform(0.75, 0.92), generation + 1))
     return segments
 
 
@@ -276,14 +280,15 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
     hu = np.where(lungs, parenchyma, hu)
 
     # Vessels: trees from each hilum, drawn inside the lungs only.
+    inside = ndimage.distance_transform_edt(lungs, sampling=spacing)
     vessels = np.zeros(full, np.float32)
     segments = []
     lung_size = float(np.mean([body_x * 0.33, body_y * 0.7, (z_top - z_base) * 0.5]))
     for hilum, side in zip(hila, (-1.0, 1.0)):
         trunks = [(1.0, 0.0, side * 0.5), (-1.0, 0.1, side * 0.5), (0.1, 0.6, side), (0.1, -0.7, side),
-                  (0.5, -0.3, side * 0.7)]
+                  (0.5, -0.3, side * 0.7), (-0.5, 0.5, side * 0.6), (0.6, 0.6, side * 0.4)]
         trunks = [_turn(_unit(t), rng.uniform(0.0, 0.3), rng) for t in trunks]
-        segments += _vessel_tree(rng, grid, lungs, hilum, trunks, rng.uniform(2.2, 3.0), lung_size * 0.35)
+        segments += _vessel_tree(rng, grid, inside, hilum, trunks, rng.uniform(2.2, 3.0), lung_size * 0.3)
     for start, end, radius in segments:
         reach = radius + grid.spacing.max()
         box = grid.box(np.minimum(start, end) - reach, np.maximum(start, end) + reach)
@@ -294,7 +299,6 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
     hu = hu * (1 - vessels) + vessel_hu * vessels
 
     # Nodules: free in the lung, touching the wall, or touching a vessel.
-    inside = ndimage.distance_transform_edt(lungs, sampling=spacing)
     label = lungs.astype(np.uint8)
     count = int(rng.integers(1, 5))
     thick = [s for s in segments if s[2] >= 1.0 and lungs[grid.index((s[0] + s[1]) / 2)]]
