@@ -126,12 +126,12 @@ def test_config_round_trip_gives_the_same_draws():
     )
 
 
-def test_augmented_model_trains_a_3d_model_with_the_volume_augmenter():
+def test_augmented_model_trains_a_3d_model_under_xla_with_the_volume_augmenter():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 16, 16, 1))
     x = keras.layers.Conv3D(4, 3, padding="same", activation="relu")(inputs)
     outputs = keras.layers.Conv3D(1, 1, activation="sigmoid", name="output")(x)
-    model = keras.Model(inputs, outputs)
+    model = keras.Model(inputs, outputs)  # a tiny 3D network: the augmenter, not the model, is under test
     images, labels = _blocks(batch=4, shape=(8, 16, 16))
     labels = (labels > 0).astype(np.int32)
     trainer = AugmentedModel(model, VolumeAugmenter(rotation=0.03, zoom=0.1, brightness=0.05, seed=0))

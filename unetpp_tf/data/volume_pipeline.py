@@ -144,7 +144,7 @@ def from_volumes(
     all_scans = [scan for name in SPLITS for scan in parts[name]]
     channels = _check_channels(all_scans)
     num_classes = _check_labels(all_scans, num_classes)
-    sampler = _Sampler(parts, mode, patch, slices, share, seed)
+    sampler = _Sampler(parts, mode, patch, slices, share, seed, channels)
 
     datasets, counts = {}, {}
     for name in SPLITS:
@@ -402,13 +402,12 @@ def _prepare(volume: Volume, spacing, window) -> Volume:
 class _Sampler:
     """Cuts patches (3d) or slabs (2.5d) out of the scans of each split, by seed or by origin."""
 
-    def __init__(self, parts: dict, mode: str, patch: tuple, slices: int, share: float, seed: int):
+    def __init__(self, parts: dict, mode: str, patch: tuple, slices: int, share: float, seed: int, channels: int):
         self.parts, self.mode, self.patch, self.slices, self.share = parts, mode, patch, slices, share
         self.seed = seed
         rng = np.random.default_rng([seed, 0x666F])
         self.fill = {name: [scan.image.min(axis=(0, 1, 2)) for scan in parts[name]] for name in SPLITS}
         self.locations = {name: [_locations(scan.label, rng) for scan in parts[name]] for name in SPLITS}
-        channels = int(parts["train"][0].image.shape[-1]) if parts["train"] else 1
         if mode == "3d":
             self.shapes = ([*patch, channels], [*patch, 1])
         else:
@@ -503,14 +502,17 @@ class _Sampler:
 
 def _locations(label: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Flat indices of up to MAX_LOCATIONS voxels of each non-zero class present in `label`."""
+    top = int(label.max(initial=0))
+    counts = np.zeros(top + 1, np.int64)
+    for plane in label:  # class counts slice by slice: O(voxels) time, one slice of extra memory
+        counts += np.bincount(plane.reshape(-1), minlength=top + 1)
     flat = label.reshape(-1)
     out = []
-    for value in range(1, int(flat.max(initial=0)) + 1):
+    for value in np.flatnonzero(counts[1:]) + 1:
         where = np.flatnonzero(flat == value)
         if where.size > MAX_LOCATIONS:
             where = np.sort(rng.choice(where, MAX_LOCATIONS, replace=False))
-        if where.size:
-            out.append(where)
+        out.append(where)
     return out
 
 
