@@ -16,9 +16,9 @@ uniform. Validation and test patches are fixed: drawn the same way once, with a 
 own (3d), or every slice of the scan, centre-cropped in-plane (2.5d/2d).
 
 A scan smaller than the patch along an axis is padded (image with the scan's minimum per
-channel, label with 0) rather than refused: thin scans with few slices are common, and the
-sliding-window inference pads the same way. Such a scan is placed at a random offset in the
-patch for training and centred for validation.
+channel, label with 0) rather than refused: thin scans with few slices are common, and a model
+sees such a scan whole, centred in padding, when predicting. Such a scan is placed at a random
+offset in the patch for training and centred for validation.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def from_volumes(
     Returns:
         SegmentationData: `image_size` is the patch (3 numbers in "3d", 2 otherwise),
         `channels` C ("3d") or slices * C; `counts["train"]` is the patches per epoch; `files`
-        holds the (image, label) paths per split (empty lists for `volumes=`); `volumes` holds
+        holds the (image, label) paths per split ({} for `volumes=`); `volumes` holds
         the preprocessed `Volume`s per split.
 
     Example:
@@ -289,7 +289,7 @@ def _load_parts(root, images, masks, volumes, splits, split, seed, spacing, wind
                 raise ValueError(f"volumes[{index}] is a {type(volume).__name__}, not a Volume.")
         indices = _split_scans(len(volumes), split, seed)
         parts = {name: [_prepare(volumes[i], spacing, window) for i in indices[name]] for name in SPLITS}
-        return parts, {name: [] for name in SPLITS}, "memory"
+        return parts, {}, "memory"
 
     if splits is not None:
         pairs = _recorded_pairs(splits)
