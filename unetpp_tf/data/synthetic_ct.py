@@ -64,11 +64,15 @@ def _unit(vector) -> np.ndarray:
     return vector / max(np.linalg.norm(vector), 1e-9)
 
 
+def _cross(a, b) -> np.ndarray:
+    """Cross product of two 3-vectors (np.cross is slow for single vectors)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
 def _turn(direction, angle, rng) -> np.ndarray:
     """`direction` turned by `angle` radians about a random axis perpendicular to it."""
-    helper = rng.normal(size=3)
-    axis = _unit(np.cross(direction, helper))
-    return _unit(direction * math.cos(angle) + np.cross(axis, direction) * math.sin(angle))
+    axis = _unit(_cross(direction, rng.normal(size=3)))
+    return _unit(direction * math.cos(angle) + _cross(axis, direction) * math.sin(angle))
 
 
 class _Grid:
@@ -99,7 +103,8 @@ class _Grid:
         return z[:, None, None], y[None, :, None], x[None, None, :]
 
     def index(self, point) -> tuple[int, int, int]:
-        return tuple(int(np.clip(round((p - a[0]) / s), 0, n - 1))
+        """The voxel nearest to `point` (mm), clamped to the grid."""
+        return tuple(min(n - 1, max(0, int(round((float(p) - float(a[0])) / float(s)))))
                      for p, a, s, n in zip(point, self.axes, self.spacing, self.shape))
 
 
@@ -311,7 +316,7 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
         if kind == "vessel" and thick:
             start, end, vessel_r = thick[int(rng.integers(len(thick)))]
             point = start + rng.uniform(0.2, 0.8) * (end - start)
-            side = _unit(np.cross(end - start, rng.normal(size=3)))
+            side = _unit(_cross(end - start, rng.normal(size=3)))
             centre = point + side * (vessel_r + radius) * rng.uniform(0.6, 0.95)
             ok = inside[grid.index(centre)] >= 0.6 * radius
         elif kind == "wall":
