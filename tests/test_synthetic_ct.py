@@ -111,3 +111,21 @@ def test_writing_is_deterministic_cached_and_drops_stale_scans(tmp_path):
     write_synthetic_ct(first, 1, seed=2, **SMALL)
     assert sorted(p.name for p in (first / "masks").iterdir()) == ["ct_000.nii.gz"]
     assert not [p for p in first.rglob("*") if p.name.startswith(".partial-")]
+
+
+def test_a_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import unetpp_tf.data.synthetic_ct as synthetic_module
+
+    calls = []
+    real = synthetic_module.write_volume_files
+
+    def fail_on_second(volume, image_path, label_path=None):
+        calls.append(volume.name)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(volume, image_path, label_path)
+
+    monkeypatch.setattr(synthetic_module, "write_volume_files", fail_on_second)
+    with pytest.raises(OSError):
+        write_synthetic_ct(tmp_path / "ct", 2, seed=0, shape=(8, 16, 16))
+    assert not (tmp_path / "ct").exists() and list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from unetpp_tf.data.medical_io import from_canonical, index_map, write_nifti
 from unetpp_tf.data.volumes import Volume
-from unetpp_tf.files import write_json
+from unetpp_tf.files import staged_directory, write_json
 
 DEFAULT_SHAPE = (48, 128, 128)
 DEFAULT_SPACING = (2.5, 1.25, 1.25)
@@ -358,6 +359,11 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
     return Volume(hu[..., None], label, spacing, affine, f"ct_{int(index):03d}", {})
 
 
+def _check_count(num_scans) -> None:
+    if isinstance(num_scans, bool) or not isinstance(num_scans, (int, np.integer)) or num_scans < 1:
+        raise ValueError(f"num_scans must be a positive integer, got {num_scans!r}.")
+
+
 def synthetic_ct(num_scans: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, seed: int = 0) -> list[Volume]:
     """A list of synthetic chest CT scans with their labels (0 background, 1 lung, 2 nodule).
 
@@ -373,8 +379,7 @@ def synthetic_ct(num_scans: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING
     Example:
         >>> scans = synthetic_ct(2, shape=(32, 64, 64), seed=1)
     """
-    if isinstance(num_scans, bool) or not isinstance(num_scans, (int, np.integer)) or num_scans < 1:
-        raise ValueError(f"num_scans must be a positive integer, got {num_scans!r}.")
+    _check_count(num_scans)
     return [synthetic_scan(i, shape=shape, spacing=spacing, seed=seed) for i in range(int(num_scans))]
 
 
@@ -402,9 +407,10 @@ def write_synthetic_ct(directory, num_scans: int = 16, *, shape=DEFAULT_SHAPE, s
     """Write synthetic chest CT scans as NIfTI: directory/images/ct_000.nii.gz and directory/masks/ct_000.nii.gz ...
 
     The files carry a real anisotropic affine (stored LPS-style, see `FILE_ORIENTATION`); images
-    are int16 Hounsfield units, masks uint8 class ids. Every file is written atomically. The
-    parameters are recorded in directory/synthetic_ct.json: a second call with the same ones
-    finds the files and writes nothing.
+    are int16 Hounsfield units, masks uint8 class ids. The folder is written atomically as a whole
+    (`unetpp_tf.files.staged_directory`: a killed call leaves the previous folder or none, and
+    images/ and masks/ are replaced whole). The parameters are recorded in
+    directory/synthetic_ct.json: a second call with the same ones finds the files and writes nothing.
 
     Args:
         directory: str or Path. Output folder (created when missing).
@@ -419,8 +425,7 @@ def write_synthetic_ct(directory, num_scans: int = 16, *, shape=DEFAULT_SHAPE, s
     Example:
         >>> data_dir = write_synthetic_ct("data/synthetic_ct", 8, seed=0)
     """
-    import json
-
+    _check_count(num_scans)
     directory = Path(directory)
     parameters = {"num_scans": int(num_scans), "shape": [int(n) for n in shape],
                   "spacing": [float(s) for s in spacing], "seed": int(seed), "version": 1}
@@ -432,13 +437,9 @@ def write_synthetic_ct(directory, num_scans: int = 16, *, shape=DEFAULT_SHAPE, s
         done = False
     if done and all((directory / folder / name).is_file() for folder in ("images", "masks") for name in names):
         return directory
-    scans = synthetic_ct(num_scans, shape=shape, spacing=spacing, seed=seed)
-    for folder in ("images", "masks"):
-        (directory / folder).mkdir(parents=True, exist_ok=True)
-        for stale in (directory / folder).glob("ct_[0-9][0-9][0-9].nii.gz"):
-            if stale.name not in names:  # left by an earlier call with more scans
-                stale.unlink()
-    for scan, name in zip(scans, names):
-        write_volume_files(scan, directory / "images" / name, directory / "masks" / name)
-    write_json(record, parameters)
+    with staged_directory(directory) as staging:  # the whole folder appears at once, or not at all
+        for index, name in enumerate(names):  # one scan in memory at a time
+            scan = synthetic_scan(index, shape=shape, spacing=spacing, seed=seed)
+            write_volume_files(scan, staging / "images" / name, staging / "masks" / name)
+        write_json(staging / _PARAMETERS_FILE, parameters)
     return directory
