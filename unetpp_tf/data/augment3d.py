@@ -194,7 +194,7 @@ class VolumeAugmenter(keras.layers.Layer):
             images = unit ** ops.exp(uniform(-s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
             sigma = uniform(0.0, s["noise"]) * spread
-            images = images + sigma * draws.normal(ops.shape(images))
+            images = images + sigma * _voxel_normal(draws, ops.shape(images))
         if s["value_range"] is not None:
             images = ops.clip(images, *s["value_range"])
         return images
@@ -233,6 +233,19 @@ class VolumeAugmenter(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), **self.settings}
+
+
+def _voxel_normal(draws, shape):
+    """Standard normal noise for every voxel of a batch.
+
+    Drawn from the layer's seed generator on TensorFlow with the Philox algorithm named
+    explicitly: under XLA on a CPU, TensorFlow's default choice ("auto_select", what
+    `keras.random.normal` gets) took 376 ms for 2 x 64^3 voxels against 17 ms for Philox.
+    """
+    if isinstance(draws, _GeneratorDraws) and keras.backend.backend() == "tensorflow":
+        seed = keras.random.randint((2,), 0, 2**31 - 1, seed=draws.generator)
+        return tf.random.stateless_normal(shape, seed, alg="philox")
+    return draws.normal(shape)
 
 
 def _patch_range(images):
