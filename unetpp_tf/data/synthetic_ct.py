@@ -4,10 +4,11 @@ A scan is a pure function of (seed, index). It shows an axial slab of a small ch
 the body (-1000 HU), a table under it, subcutaneous fat (~-100 HU) around soft tissue (~40 HU)
 with a spine (bone), a heart and a trachea with its two main bronchi (air, outside the lungs), two
 lungs (~-850 HU, denser towards the back) whose bases sit on a domed diaphragm, vessel trees that
-branch from each hilum and thin out towards the periphery (+30..+90 HU, tubular), and one to four
-nodules (lobulated ellipsoids of 3..15 mm, +20..+60 HU): some free in the lung, some touching a
-vessel, some touching the lung wall. The scan is blurred by a point spread function (partial
-volume) and carries correlated noise of 12..25 HU, then rounded to integers like stored CT.
+branch from each hilum and thin out towards the periphery (+30..+90 HU, tubular), and two to four
+nodules (lobulated ellipsoids of 3..15 mm, at least one of 8 mm or more; +20..+60 HU): some free
+in the lung, some touching a vessel, some touching the lung wall. The scan is blurred by a point
+spread function (partial volume) and carries correlated noise of 12..25 HU, then rounded to
+integers like stored CT.
 
 Labels: 0 background, 1 lung (the vessels inside it count as lung), 2 nodule. In one slice a
 vessel seen end-on looks like a small nodule, and a nodule touching the wall or a vessel has the
@@ -306,13 +307,14 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
 
     # Nodules: free in the lung, touching the wall, or touching a vessel.
     label = lungs.astype(np.uint8)
-    count = int(rng.integers(1, 5))
+    count = int(rng.integers(2, 5))
     thick = [s for s in segments if s[2] >= 1.0 and lungs[grid.index((s[0] + s[1]) / 2)]]
     placed = 0
     for attempt in range(count * 20):
         if placed == count:
             break
-        radius = rng.uniform(1.5, 7.5)  # 3..15 mm across
+        # 3..15 mm across; the first one 8..15 mm, so every scan has a nodule a Dice score can see.
+        radius = rng.uniform(4.0 if placed == 0 else 1.5, 7.5)
         kind = rng.choice(["free", "wall", "vessel"], p=[0.4, 0.3, 0.3])
         if kind == "vessel" and thick:
             start, end, vessel_r = thick[int(rng.integers(len(thick)))]
@@ -428,7 +430,7 @@ def write_synthetic_ct(directory, num_scans: int = 16, *, shape=DEFAULT_SHAPE, s
     _check_count(num_scans)
     directory = Path(directory)
     parameters = {"num_scans": int(num_scans), "shape": [int(n) for n in shape],
-                  "spacing": [float(s) for s in spacing], "seed": int(seed), "version": 1}
+                  "spacing": [float(s) for s in spacing], "seed": int(seed), "version": 2}
     names = [f"ct_{i:03d}.nii.gz" for i in range(int(num_scans))]
     record = directory / _PARAMETERS_FILE
     try:
