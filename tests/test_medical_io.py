@@ -314,3 +314,34 @@ def test_is_scan_folder_is_false_for_image_folders(tmp_path):
     assert not is_scan_folder(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="mask folder .*masks does not exist"):
         scan_pairs(tmp_path)
+
+
+def test_prediction_on_a_dicom_series_is_written_on_its_slices(tmp_path):
+    folder = dicom_folder("98892001", "CT5N")
+    volume = read_scan(folder)
+    written = nib.load(write_scan(volume.image[..., 0], tmp_path / "series.nii.gz", like=volume, order=1))
+    assert written.shape == (16, 16, 5)  # (column, row, slice) of the series
+    assert int(written.header["sform_code"]) == 1  # scanner coordinates
+    volume.label = (volume.image[..., 0] > 0).astype(np.uint8)
+    fine = resample(volume, (1.25, 0.25, 0.25))
+    label = np.asarray(nib.load(write_scan(fine.label, tmp_path / "label.nii.gz", like=fine)).dataobj)
+    data = np.asarray(written.dataobj)
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        position = np.array(dataset.ImagePositionPatient, float)
+        # The written voxel (column c, row r) of this slice lies where DICOM puts the pixel (r, c).
+        index = canonical_slice_index(written.affine, position, 3, 7)
+        lps = position + 3 * 0.488281 * np.array([1, 0, 0]) + 7 * 0.488281 * np.array([0, 1, 0])
+        np.testing.assert_allclose(voxel_world(written.affine, index), lps * [-1, -1, 1], atol=1e-3)
+        hu = dataset.pixel_array.astype(np.float32) - 1024
+        np.testing.assert_array_equal(data[:, :, index[2]], hu.T)
+        agreement = np.mean(label[:, :, index[2]] == (hu.T > 0))  # resampled to 2x in z, ~2x in-plane and back
+        assert agreement > 0.99
+
+
+def canonical_slice_index(affine, position, column, row):
+    """(column, row, k) of the written voxel whose slice goes through `position` (LPS)."""
+    ras = position * [-1, -1, 1]
+    k = np.linalg.solve(affine[:3, :3], ras - affine[:3, 3])[2]
+    assert abs(k - round(k)) < 1e-3
+    return column, row, int(round(k))
