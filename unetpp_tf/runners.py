@@ -31,18 +31,21 @@ METADATA_NAME = "unetpp_tf"  # the flatbuffer metadata entry of a TFLite file
 # --------------------------------------------------------------------------- inputs
 
 
-def image_batch(images) -> np.ndarray:
+def image_batch(images, spatial_dims: int = 2) -> np.ndarray:
     """Return float32 [N, H, W, C] from an array-like of one image [H, W, C] or a batch.
+
+    With `spatial_dims=3` the same for volumes: [N, D, H, W, C] from [D, H, W, C] or a batch.
 
     Example:
         >>> image_batch(np.zeros((32, 32, 1), np.float32)).shape
         (1, 32, 32, 1)
     """
     array = np.asarray(images)
-    if array.ndim == 3:
+    if array.ndim == spatial_dims + 1:
         array = array[None]
-    if array.ndim != 4:
-        raise ValueError(f"images must be [N, H, W, C] or [H, W, C], got shape {array.shape}.")
+    if array.ndim != spatial_dims + 2:
+        layout = "[N, H, W, C] or [H, W, C]" if spatial_dims == 2 else "[N, D, H, W, C] or [D, H, W, C]"
+        raise ValueError(f"images must be {layout}, got shape {array.shape}.")
     if np.issubdtype(array.dtype, np.integer):
         raise ValueError(
             f"images must be float32, got dtype {array.dtype}; scale them by their dtype's range "
@@ -68,11 +71,11 @@ def images_of(element):
     return element
 
 
-def _predict_input(x) -> np.ndarray:
-    """Gather the images of an array, a tensor or an iterable of batches for `.predict`."""
+def _predict_input(x, spatial_dims: int = 2) -> np.ndarray:
+    """Gather the images (volumes: `spatial_dims=3`) of an array, a tensor or an iterable of batches for `.predict`."""
     if isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
-        return image_batch(x)
-    batches = [image_batch(images_of(element)) for element in x]
+        return image_batch(x, spatial_dims)
+    batches = [image_batch(images_of(element), spatial_dims) for element in x]
     if not batches:
         raise ValueError("predict received no images.")
     return np.concatenate(batches, axis=0)
@@ -173,7 +176,7 @@ class _ExportedModel:
         Example:
             >>> probabilities = TFLiteModel("export/model_float32.tflite").predict(data.test)
         """
-        return self(_predict_input(x))
+        return self(_predict_input(x, len(self.input_shape) - 2))
 
     def predict_on_batch(self, x) -> np.ndarray:
         """Keras-style alias of `__call__` for one batch of images."""
@@ -217,8 +220,8 @@ class TFLiteModel(_ExportedModel):
         self._input = inputs[0]
         self._output = self._probabilities_output()
         shape = tuple(int(s) for s in self._input["shape"])
-        if len(shape) != 4:
-            raise ValueError(f"{self.path} takes inputs of shape {shape}; expected [1, H, W, C].")
+        if len(shape) not in (4, 5):
+            raise ValueError(f"{self.path} takes inputs of shape {shape}; expected [1, H, W, C] or [1, D, H, W, C].")
         self._image_shape = shape[1:]
         self.metadata = read_tflite_metadata(self.path.read_bytes())
 
@@ -231,7 +234,7 @@ class TFLiteModel(_ExportedModel):
             if "probabilities" in details:
                 index = details["probabilities"]["index"]
                 return next(o for o in outputs if o["index"] == index)
-        return next(o for o in outputs if len(o["shape"]) == 4)
+        return next(o for o in outputs if len(o["shape"]) in (4, 5))
 
     @property
     def name(self) -> str:
@@ -280,7 +283,14 @@ class TFLiteModel(_ExportedModel):
 
     def __call__(self, images) -> np.ndarray:
         """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C]."""
-        batch = image_batch(images)
+        batch = image_batch(images, len(self._image_shape) - 1)
+        if batch.shape[1:] != self._image_shape and len(self._image_shape) == 4:
+            wanted, got = "x".join(map(str, self._image_shape[:-1])), "x".join(map(str, batch.shape[1:-1]))
+            raise ValueError(
+                f"{self.path} takes {wanted} volumes with {self._image_shape[-1]} channel(s) (a fixed size), got "
+                f"{got} with {batch.shape[-1]}; run them through sliding-window inference in {wanted} windows, "
+                "or export the model at another size."
+            )
         if batch.shape[1:] != self._image_shape:
             h, w, c = self._image_shape
             got_h, got_w, got_c = batch.shape[1:]
@@ -376,9 +386,10 @@ class SavedModelRunner(_ExportedModel):
 
     def __call__(self, images) -> np.ndarray:
         """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C]."""
-        batch = image_batch(images)
         expected = self._input_spec.shape
-        for axis, name in ((1, "height"), (2, "width"), (3, "channels")):
+        batch = image_batch(images, len(expected) - 2)
+        names = ("height", "width", "channels") if len(expected) == 4 else ("depth", "height", "width", "channels")
+        for axis, name in enumerate(names, start=1):
             if expected[axis] is not None and batch.shape[axis] != expected[axis]:
                 raise ValueError(
                     f"{self.path} takes images of {name} {expected[axis]}, got {list(batch.shape)}; "
@@ -417,7 +428,7 @@ class SavedModelRunner(_ExportedModel):
         """
         saved, self.batch_size = self.batch_size, int(batch_size or self.batch_size)
         try:
-            return self(_predict_input(x))
+            return self(_predict_input(x, len(self.input_shape) - 2))
         finally:
             self.batch_size = saved
 

@@ -32,9 +32,10 @@ from unetpp_tf.runners import METADATA_NAME, METADATA_PATH
 def padded_forward(model: keras.Model):
     """A function images -> float32 probabilities that pads to the model's divisor and crops back.
 
-    Padding is centred reflection (as `unetpp_tf.predict` pads); sizes already divisible, and
-    models without downsampling, run as they are. Works eagerly and inside `tf.function`, with
-    static or dynamic height and width.
+    Padding is centred reflection (as `unetpp_tf.predict` pads) on every spatial axis, so it
+    serves image models [N, H, W, C] and volume models [N, D, H, W, C] alike; sizes already
+    divisible, and models without downsampling, run as they are. Works eagerly and inside
+    `tf.function`, with static or dynamic spatial sizes.
 
     Example:
         >>> padded_forward(build_unetpp((None, None, 1), depth=2))(np.zeros((1, 30, 35, 1), np.float32)).shape
@@ -44,16 +45,17 @@ def padded_forward(model: keras.Model):
 
     def forward(images):
         images = tf.convert_to_tensor(images, tf.float32)
-        static = images.shape[1:3]
+        static = images.shape[1:-1]
         if divisor == 1 or all(n is not None and n % divisor == 0 for n in static):
             return tf.cast(model(images, training=False), tf.float32)
         dynamic = tf.shape(images)
-        height, width = (s if s is not None else dynamic[i + 1] for i, s in enumerate(static))
-        pad_h, pad_w = (-height) % divisor, (-width) % divisor
-        top, left = pad_h // 2, pad_w // 2
-        padded = tf.pad(images, [[0, 0], [top, pad_h - top], [left, pad_w - left], [0, 0]], mode="REFLECT")
-        probabilities = tf.cast(model(padded, training=False), tf.float32)
-        return probabilities[:, top : top + height, left : left + width, :]
+        sizes = [s if s is not None else dynamic[i + 1] for i, s in enumerate(static)]
+        pads = [(-size) % divisor for size in sizes]
+        starts = [pad // 2 for pad in pads]
+        padding = [[0, 0]] + [[start, pad - start] for start, pad in zip(starts, pads)] + [[0, 0]]
+        probabilities = tf.cast(model(tf.pad(images, padding, mode="REFLECT"), training=False), tf.float32)
+        crop = (slice(None), *(slice(start, start + size) for start, size in zip(starts, sizes)), slice(None))
+        return probabilities[crop]
 
     return forward
 
@@ -77,15 +79,15 @@ def embedded_metadata(model: keras.Model, mode: str, level) -> dict:
 def write_saved_model(model: keras.Model, path: Path, metadata: dict) -> None:
     """Write a SavedModel with uint8 "serving_default" and float32 "serve_float" signatures.
 
-    Batch, height and width stay dynamic where the model allows them; images of any height
-    and width are padded to the model's divisor inside the graph and the outputs cropped
-    back. Both signatures return "probabilities" and the "labels" map. `metadata` (plus the
-    input description) goes to `assets.extra/unetpp_tf.json`.
+    Batch and spatial sizes (height and width, and depth for a volume model) stay dynamic
+    where the model allows them; inputs of any size are padded to the model's divisor inside
+    the graph and the outputs cropped back. Both signatures return "probabilities" and the
+    "labels" map. `metadata` (plus the input description) goes to `assets.extra/unetpp_tf.json`.
 
     Example:
         >>> write_saved_model(model, Path("staging/saved_model"), embedded_metadata(model, "accurate", None))
     """
-    _, height, width, channels = model.input_shape
+    _, *spatial, channels = model.input_shape
     num_classes = model.output_shape[-1]
     label_dtype = tf.uint8 if num_classes <= 256 else tf.int32
     forward = padded_forward(model)
@@ -104,7 +106,7 @@ def write_saved_model(model: keras.Model, path: Path, metadata: dict) -> None:
     def serve_float(images):
         return outputs(images)
 
-    shape = [None, height, width, channels]
+    shape = [None, *spatial, channels]
     # No archive.track(model): add_endpoint already tracks the variables the endpoints
     # use, and tracking the model as well stores every weight twice (Keras 3.15).
     archive = keras.export.ExportArchive()
@@ -126,9 +128,11 @@ def write_saved_model(model: keras.Model, path: Path, metadata: dict) -> None:
 def write_tflite_source(model: keras.Model, path: Path, size) -> None:
     """Write the batch-1, fixed-size float SavedModel the TFLite converter starts from.
 
-    A size not divisible by the model's downsampling is padded inside the graph (static
-    reflection padding) and the output cropped back to `size`. The model is converted as
-    `rewrites.tflite_friendly` rewrites it (LayerNormalization in operations int8 keeps in integers).
+    `size` is (height, width), or (depth, height, width) for a volume model. A size not
+    divisible by the model's downsampling is padded inside the graph (static reflection
+    padding) and the output cropped back to `size`. The model is converted as
+    `rewrites.tflite_friendly` rewrites it (LayerNormalization in operations int8 keeps in
+    integers, 3D max pooling in 2D max pooling, which TFLite has as a builtin).
 
     Example:
         >>> write_tflite_source(model, Path("staging/.tflite_source"), (256, 256))
@@ -249,7 +253,7 @@ def convert_to_tflite(source: Path, quantize: str, representative, allow_flex: b
 def representative_dataset(images: list):
     """A representative dataset over `images` whose input range is pinned to [0, 1].
 
-    One calibration image gets a 0.0 and a 1.0 pixel so the input quantizes with
+    One calibration image gets a 0.0 and a 1.0 pixel (voxel) so the input quantizes with
     scale 1/255 and zero point 0: the int8 model then takes raw uint8 pixels.
 
     Example:
@@ -259,9 +263,10 @@ def representative_dataset(images: list):
     def generate():
         for index, image in enumerate(images):
             image = np.array(image, np.float32)
-            if index == 0:
-                image[0, 0, 0, :] = 0.0
-                image[0, 0, -1, :] = 1.0
+            if index == 0:  # the first and the last pixel of the first row (of the first slice)
+                corner = (0,) * (image.ndim - 2)
+                image[(*corner, 0, slice(None))] = 0.0
+                image[(*corner, -1, slice(None))] = 1.0
             yield [image]
 
     return generate

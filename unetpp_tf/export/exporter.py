@@ -80,9 +80,10 @@ def export_model(
         quantize: str or tuple. TFLite variants: "none" (float32), "float16",
             "dynamic" (int8 weights) and "int8" (full integer, uint8 in/out; needs
             `calibration`). Defaults to ("none",).
-        image_size: tuple or None. (height, width) of the TFLite input (padded inside the
-            file when not divisible by 2**depth); the SavedModel stays dynamic when the model
-            is. Defaults to the model's fixed input size, else the training image size its
+        image_size: tuple or None. (height, width) of the TFLite input, (depth, height,
+            width) for a volume model (padded inside the file when not divisible by
+            2**depth); the SavedModel stays dynamic when the model is. Defaults to the
+            model's fixed input size, else the training image size its
             `InputPreprocessing` records.
         mode: str. "accurate" or "fast". Defaults to "accurate".
         level: int or None. Head kept in "fast" mode. Defaults to the deepest head.
@@ -145,7 +146,8 @@ def export_model(
 
     output_dir = Path(output_dir).absolute()
     with files.staged_directory(output_dir) as staging:
-        parity = collect_images(samples, size, channels, max_samples, "samples") if samples is not None else []
+        rank = len(single.input_shape) - 2
+        parity = collect_images(samples, size, channels, max_samples, "samples", rank) if samples is not None else []
         reference, keras_ms = _keras_reference(single, parity)
         stem = "model" if level is None else f"model_L{level}"
         artifacts = []
@@ -179,7 +181,7 @@ def export_model(
             write_tflite_source(single, source, size)
             representative = None
             if wants_int8:
-                images = collect_images(calibration, size, channels, calibration_steps, "calibration")
+                images = collect_images(calibration, size, channels, calibration_steps, "calibration", rank)
                 representative = representative_dataset(images)
             for quant in quantize:
                 name = f"{stem}_{FILE_DTYPE[quant]}"
@@ -213,9 +215,9 @@ def _keras_reference(single: keras.Model, parity: list) -> tuple[list, float | N
     try:
         return timed(padded_forward(single), parity)
     except Exception as error:
-        height, width = parity[0].shape[1:3]
+        sizes = "x".join(str(n) for n in parity[0].shape[1:-1])
         raise ValueError(
-            f"model {single.name!r} cannot run on {height}x{width} images ({type(error).__name__}: "
+            f"model {single.name!r} cannot run on {sizes} inputs ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); pick another "
             "image_size or resize the samples."
         ) from error
@@ -250,30 +252,34 @@ def _as_names(value, allowed, what, aliases=None):
 
 
 def _fixed_size(model: keras.Model, image_size, required: bool):
-    """The (H, W) TFLite needs: image_size, else the model's fixed size, else the recorded training size."""
-    _, height, width, channels = model.input_shape
+    """The spatial size TFLite needs ((H, W), or (D, H, W) for volumes): image_size, else the
+    model's fixed size, else the recorded training size."""
+    _, *spatial, channels = model.input_shape
+    names = ("height", "width") if len(spatial) == 2 else ("depth", "height", "width")
+    wanted = "(" + ", ".join(names) + ")"
     if channels is None:
         raise ValueError(f"model {model.name!r} has an unknown number of input channels; rebuild it with a fixed C.")
     if image_size is None:
-        if height is not None and width is not None:
-            return (int(height), int(width))
+        if all(n is not None for n in spatial):
+            return tuple(int(n) for n in spatial)
         recorded = (model_preprocessing(model) or {}).get("image_size")
-        if recorded is not None:
+        if recorded is not None and len(spatial) == 2:
             return _fixed_size(model, recorded, required)
         if required:
+            example = "(256, 256)" if len(spatial) == 2 else "(64, 128, 128)"
             raise ValueError(
-                f"model {model.name!r} takes images of any size ({height} x {width}); TFLite "
-                "needs a fixed size: pass image_size=(height, width), e.g. image_size=(256, 256)."
+                f"model {model.name!r} takes inputs of any size ({' x '.join(map(str, spatial))}); TFLite "
+                f"needs a fixed size: pass image_size={wanted}, e.g. image_size={example}."
             )
         return None
     size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be (height, width), got {image_size!r}.")
-    for given, fixed, axis in ((size[0], height, "height"), (size[1], width, "width")):
+    if len(size) != len(spatial) or min(size) < 1:
+        raise ValueError(f"image_size must be {wanted} for this model, got {image_size!r}.")
+    for given, fixed, axis in zip(size, spatial, names):
         if fixed is not None and given != fixed:
             raise ValueError(
                 f"image_size {size} does not match the model's fixed input {axis} {fixed}; "
-                f"pass image_size=None or ({height}, {width}), or rebuild the model with "
-                f"input_shape=(None, None, {channels}) to export another size."
+                f"pass image_size=None or {tuple(spatial)}, or rebuild the model with "
+                f"input_shape={(None,) * len(spatial) + (channels,)} to export another size."
             )
     return size

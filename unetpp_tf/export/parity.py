@@ -49,11 +49,13 @@ def thresholds_with(overrides: dict | None) -> dict:
     return bars
 
 
-def collect_images(source, size, channels: int, limit: int, what: str) -> list:
-    """Up to `limit` float32 [1, H, W, C] images from arrays, tensors or a dataset.
+def collect_images(source, size, channels: int, limit: int, what: str, spatial_dims: int = 2) -> list:
+    """Up to `limit` float32 [1, H, W, C] images (or [1, D, H, W, C] volumes) from arrays, tensors or a dataset.
 
     Integer images are scaled by their dtype's range (uint16 / 65535, others / 255) as the
-    data pipeline scales them; images of another size are resized to `size` when given.
+    data pipeline scales them; images of another size are resized to `size` when given
+    (volumes must come at `size`: patches are not resampled here). `spatial_dims` is 3 for
+    volume models. Defaults to 2.
 
     Example:
         >>> len(collect_images(data.test, (32, 32), 1, 16, "samples"))
@@ -66,16 +68,22 @@ def collect_images(source, size, channels: int, limit: int, what: str) -> list:
     images = []
     for element in source:
         array = np.asarray(images_of(element))
-        if array.ndim == 3:
+        if array.ndim == spatial_dims + 1:
             array = array[None]
-        if array.ndim != 4:
-            raise ValueError(f"{what} must yield images [B, H, W, C] or [H, W, C], got shape {array.shape}.")
+        if array.ndim != spatial_dims + 2:
+            layout = "[B, H, W, C] or [H, W, C]" if spatial_dims == 2 else "[B, D, H, W, C] or [D, H, W, C]"
+            raise ValueError(f"{what} must yield {layout}, got shape {array.shape}.")
         if np.issubdtype(array.dtype, np.integer):
             array = array.astype(np.float32) / (65535.0 if array.dtype == np.uint16 else 255.0)
         array = array.astype(np.float32, copy=False)
         if array.shape[-1] != channels:
             raise ValueError(f"{what} images have {array.shape[-1]} channels; the model takes {channels}.")
-        if size is not None and tuple(array.shape[1:3]) != tuple(size):
+        if size is not None and tuple(array.shape[1:-1]) != tuple(size):
+            if spatial_dims != 2:
+                raise ValueError(
+                    f"{what} volumes have the size {array.shape[1:-1]}, the export {tuple(size)}: crop or pad "
+                    f"them to {tuple(size)} (or pass image_size={array.shape[1:-1]})."
+                )
             array = tf.image.resize(array, size, method="bilinear").numpy()
         images.extend(array[i : i + 1] for i in range(len(array)))
         if len(images) >= limit:

@@ -16,6 +16,11 @@ converts; the parity check then compares the file with the original model:
   EfficientNetB0 comes out 60-100% off and the label maps agree with Keras at Dice 0.06-0.65.
   The same map as one 1x1 convolution (kernel and bias read off the layer by calling it on the
   zero image and the unit images) quantizes like any convolution: 1% off, Dice >= 0.98.
+- TFLite has no 3D max-pooling builtin (TensorFlow 2.21 converts `tf.MaxPool3D` only as a Flex
+  op), so a volume model's `keras.layers.MaxPooling3D` becomes `SlicewiseMaxPooling3D`: a 2D max
+  pooling of every slice over height and width, then one over (depth, 1) windows of the slices
+  flattened to rows, with reshapes of rank <= 5 between them: MAX_POOL_2D and RESHAPE builtins,
+  the same values.
 
 Only public Keras is used (`keras.models.clone_model`, nested models included).
 
@@ -55,6 +60,46 @@ class SubtractMeanLayerNormalization(keras.layers.LayerNormalization):
         return outputs
 
 
+class SlicewiseMaxPooling3D(keras.layers.MaxPooling3D):
+    """`keras.layers.MaxPooling3D` (channels last, "valid", strides = pool size) from 2D max pooling.
+
+    Each slice is pooled over (height, width) as a batch of images; the pooled slices, each
+    flattened to one row of height x width positions, are then pooled over (depth, 1) windows.
+    Max is associative, so the values are those of the 3D pooling; every op is a TFLite
+    builtin (MAX_POOL_2D, RESHAPE) of rank <= 5. Only for conversion: `tflite_friendly`
+    builds it from a MaxPooling3D of that form.
+
+    Example:
+        >>> tuple(SlicewiseMaxPooling3D((1, 2, 2))(np.ones((1, 4, 8, 8, 3), "float32")).shape)
+        (1, 4, 4, 4, 3)
+    """
+
+    def call(self, inputs):
+        (pd, ph, pw), x = self.pool_size, inputs
+        shape = ops.shape(x)
+        batch, depth, channels = shape[0], shape[1], shape[4]
+        if (ph, pw) != (1, 1):
+            slices = ops.reshape(x, (batch * depth, shape[2], shape[3], channels))
+            pooled = ops.max_pool(slices, (ph, pw), strides=(ph, pw), padding="valid")
+            size = ops.shape(pooled)
+            x = ops.reshape(pooled, (batch, depth, size[1], size[2], channels))
+        if pd != 1:
+            shape = ops.shape(x)
+            rows = ops.reshape(x, (batch, shape[1], shape[2] * shape[3], channels))
+            pooled = ops.max_pool(rows, (pd, 1), strides=(pd, 1), padding="valid")
+            x = ops.reshape(pooled, (batch, ops.shape(pooled)[1], shape[2], shape[3], channels))
+        return x
+
+
+def _slicewise(layer) -> bool:
+    return (
+        type(layer) is keras.layers.MaxPooling3D
+        and layer.data_format == "channels_last"
+        and layer.padding == "valid"
+        and tuple(layer.strides) == tuple(layer.pool_size)
+    )
+
+
 def _rewritable(layer) -> bool:
     return type(layer) is keras.layers.LayerNormalization and not getattr(layer, "rms_scaling", False)
 
@@ -62,13 +107,15 @@ def _rewritable(layer) -> bool:
 def _needs_rewrite(model: keras.Model) -> bool:
     return any(
         _needs_rewrite(layer) if isinstance(layer, keras.Model)
-        else _rewritable(layer) or isinstance(layer, EncoderPreprocessing)
+        else _rewritable(layer) or _slicewise(layer) or isinstance(layer, EncoderPreprocessing)
         for layer in model.layers
     )
 
 
 def _replacement(layer):
-    """`layer` itself, or a SubtractMeanLayerNormalization with its configuration and weights."""
+    """`layer` itself, or its conversion twin (configuration and weights copied)."""
+    if _slicewise(layer):
+        return SlicewiseMaxPooling3D.from_config(layer.get_config())
     if not _rewritable(layer):
         return layer
     try:
@@ -151,10 +198,11 @@ def as_float32(model: keras.Model) -> keras.Model:
 
 
 def tflite_friendly(model: keras.Model) -> keras.Model:
-    """`model` as TFLite should convert it: LayerNormalization and encoder preprocessing rewritten.
+    """`model` as TFLite should convert it: LayerNormalization, preprocessing and 3D pooling rewritten.
 
-    LayerNormalization layers become `SubtractMeanLayerNormalization` (weights copied) and each
-    `EncoderPreprocessing` its 1x1 convolution (`as_pointwise_convolution`); every other layer is
+    LayerNormalization layers become `SubtractMeanLayerNormalization` (weights copied), each
+    `EncoderPreprocessing` its 1x1 convolution (`as_pointwise_convolution`) and each
+    `MaxPooling3D` a `SlicewiseMaxPooling3D` (builtin 2D pooling); every other layer is
     shared with `model` (no copy of its weights). A mixed-precision model is first copied to
     float32 (`as_float32`). A model with none of these comes back as it is.
 
