@@ -15,9 +15,9 @@ from unetpp_tf._native_logs import native_stderr_silenced  # noqa: E402
 with native_stderr_silenced():
     import tensorflow  # noqa: F401  (its native start-up notices stay off the terminal)
 
-from unetpp_tf import data, export, losses, metrics, viz  # noqa: E402
+from unetpp_tf import data, export, losses, metrics, surface_distance, viz  # noqa: E402
 from unetpp_tf.config import TrainConfig  # noqa: E402
-from unetpp_tf.evaluation import evaluate  # noqa: E402
+from unetpp_tf.evaluation import evaluate, evaluate_volumes  # noqa: E402
 from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
 from unetpp_tf.models import (  # noqa: E402
     PRESETS,
@@ -32,6 +32,7 @@ from unetpp_tf.models import (  # noqa: E402
     prune,
 )
 from unetpp_tf.training import train  # noqa: E402
+from unetpp_tf.volume_inference import predict_scans, predict_volume, sliding_window_predict  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "build_unetpp",
     "data",
     "evaluate",
+    "evaluate_volumes",
     "export",
     "from_preset",
     "inference_model",
@@ -55,7 +57,11 @@ __all__ = [
     "model_preprocessing",
     "predict",
     "predict_files",
+    "predict_scans",
+    "predict_volume",
     "prune",
+    "sliding_window_predict",
+    "surface_distance",
     "train",
     "viz",
 ]

@@ -26,16 +26,17 @@ TRAIN_HELP = {
     "name": "run name: the run directory is OUTPUT_DIR/NAME (default: ARCH-DATA, numbered if taken)",
     "output_dir": "root of run directories",
     "seed": "seed for data order, augmentation and initialization",
-    "data": "'synthetic' (built in), a folder with images/ and masks/, or tfds:NAME",
+    "data": "'synthetic' (built in), 'synthetic-ct' (built-in lung CT scans), a folder with images/ and masks/ "
+            "(images, or NIfTI/DICOM scans), or tfds:NAME",
     "images": "explicit image folder (with --masks)",
     "masks": "explicit mask folder (with --images)",
     "task": "synthetic data: binary nuclei or multiclass shapes",
-    "num_samples": "synthetic data: number of images",
+    "num_samples": "synthetic data: number of images (synthetic-ct: of scans)",
     "image_size": "HEIGHT [WIDTH] the images are resized to",
     "crop_size": "HEIGHT [WIDTH] random training crops instead of resizing",
     "channels": "force 1 (gray) or 3 (RGB) input channels",
     "num_classes": "classes in the masks (1 = binary); inferred when omitted",
-    "batch_size": "images per step",
+    "batch_size": "images (or patches) per step",
     "split": "TRAIN VAL TEST fractions for a random split by file",
     "group_by": "regex on image file names; files with the same match (or first group) stay in one split",
     "skip_invalid": "drop unreadable or mismatched image/mask pairs (listed in splits.json) instead of stopping",
@@ -44,6 +45,15 @@ TRAIN_HELP = {
                  "percentiles to 0-1, or per image minmax | percentile (1st-99.8th) | zscore; kept in the model",
     "augment": "where augmentation runs: in the train step on the device, in tf.data on the host, or not at all",
     "augmentation": "augmentation settings as JSON, e.g. '{\"rotation\": 0.1, \"zoom\": 0.1}'",
+    "volume_mode": "scans: 3d = a 3D network on patches; 2.5d = a 2D network on axial slices with --slices "
+                   "neighbours as channels; 2d = one slice",
+    "patch_size": "scans: DEPTH HEIGHT WIDTH of the 3D training patches (2.5d/2d: HEIGHT WIDTH of the slice crops)",
+    "slices": "scans, 2.5d: neighbouring slices given as channels (odd; the centre one is labelled)",
+    "spacing": "scans: resample every scan to Z Y X mm voxels first (default: keep each scan's own)",
+    "window": "scans: intensity window, a name (lung, soft_tissue, bone, brain, liver, ...), LOW HIGH in "
+              "Hounsfield units, or zscore (MRI)",
+    "foreground_share": "scans: share of training patches centred on a labelled voxel (small structures)",
+    "patches_per_volume": "scans: training patches drawn from each scan per epoch",
     "arch": "model architecture (deeplabv3plus: DeepLabV3+ on --encoder, resnet50 by default)",
     "encoder": "pretrained backbone under the decoder, a name from unetpp_tf.models.ENCODERS (e.g. resnet50, "
                "efficientnetb0, mobilenetv2); --depth 4 or less; image sizes multiples of 2**(depth+1)",
@@ -102,8 +112,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         options = dict(dest=name, default=argparse.SUPPRESS, help=TRAIN_HELP[name])
         if hint is bool:
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **options)
-        elif name in ("image_size", "crop_size", "filters"):
+        elif name in ("image_size", "crop_size", "filters", "patch_size"):
             parser.add_argument(_flag(name), type=int, nargs="+", metavar="N", **options)
+        elif name == "spacing":
+            parser.add_argument(_flag(name), type=float, nargs=3, metavar="MM", **options)
+        elif name == "window":
+            parser.add_argument(_flag(name), nargs="+", metavar="NAME|HU", **options)
         elif name == "split":
             parser.add_argument(_flag(name), type=float, nargs=3, metavar="F", **options)
         elif name == "augmentation":
@@ -129,11 +143,24 @@ def _config_from_args(args) -> TrainConfig:
     if "filters" in given:
         widths = given["filters"]
         given["filters"] = widths[0] if len(widths) == 1 else tuple(widths)
+    if "window" in given:
+        given["window"] = _window(given["window"])
     settings = {**values, **given}
     recorded = _recorded_config(settings) if getattr(args, "resume", False) else None
     if recorded is not None:
         return TrainConfig.from_dict({**load_config(recorded), **settings}, source=str(recorded))
     return TrainConfig.from_dict(settings, source=str(args.config or "flags"))
+
+
+def _window(words: list[str]):
+    """--window NAME or --window LOW HIGH (Hounsfield units)."""
+    if len(words) == 1:
+        return words[0]
+    try:
+        low, high = (float(w) for w in words)
+    except ValueError:
+        raise ValueError(f"--window {' '.join(words)}: give one name (e.g. lung) or two numbers LOW HIGH.") from None
+    return (low, high)
 
 
 def _recorded_config(settings: dict) -> Path | None:
@@ -161,6 +188,11 @@ def _train(args) -> int:
         print(f"test (ensemble of {len(folds['folds'])}): {scores}")
     else:
         print(f"test: {scores}")
+    if "hd95" in metrics:  # scans: per class, with surface distances in mm
+        for i, name in enumerate(metrics["classes"]):
+            each = {key: metrics["per_class"][key][i] for key in ("dice", "iou", "hd95", "assd")}
+            print(f"  {name}: dice {each['dice']:.4f}, iou {each['iou']:.4f}, "
+                  f"hd95 {each['hd95']:.2f} mm, assd {each['assd']:.2f} mm")
     return 0
 
 
@@ -208,6 +240,8 @@ def _evaluate(args) -> int:
     paths = [_model_file(p) for p in args.model]
     models = [load_model(p) for p in paths]
     data = _data_for(args, args.model[0])
+    if data.volumes:
+        return _evaluate_scans(args, models, data)
     names = [Path(image).name for image, _ in data.files.get(args.split, [])] or None  # folder data: file names
     result = evaluate(
         models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold, names=names
@@ -224,14 +258,73 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _evaluate_scans(args, models: list, data) -> int:
+    """`evaluate` on scans: whole scans, sliding windows of the training patch, surface distances in mm."""
+    from unetpp_tf.evaluation import evaluate_volumes, write_per_image_csv
+    from unetpp_tf.inference import as_single_output
+
+    if len(models) > 1:
+        raise ValueError("--model: scans are scored one model at a time; give one model or run directory.")
+    run = _run_config(args.model[0])
+    patch = dict(patch_size=tuple(run["patch_size"])) if run.get("volume_mode") == "3d" else {}
+    model = as_single_output(models[0], args.ds_mode, args.prune_level)
+    result = evaluate_volumes(
+        model, data.volumes[args.split], num_classes=data.num_classes, threshold=args.threshold, **patch
+    )
+    if args.csv:
+        write_per_image_csv(result["per_image"], args.csv)
+    metrics = result["metrics"]
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                print(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
+    return 0
+
+
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
+
+
+def _scan_inputs(model, run: dict, inputs: list[str]) -> bool:
+    """Whether `predict` is given scans: a 3D model, a model trained on scans, or NIfTI/DICOM inputs."""
+    import keras
+
+    if not isinstance(model, keras.Model):  # an exported file: scans need the Keras model
+        return False
+    if len(model.inputs[0].shape) == 5 or run.get("data") == "synthetic-ct" or run.get("patch_size"):
+        return True
+    return any(str(path).lower().endswith(SCAN_SUFFIXES) for path in inputs)
+
+
 def _predict(args) -> int:
     from unetpp_tf.inference import load_model, predict_files
 
     model_path = _model_file(args.model)
+    model = load_model(model_path)
+    run = _run_config(model_path)
+    if _scan_inputs(model, run, args.inputs):
+        return _predict_scans(args, model, run)
     written = predict_files(
-        load_model(model_path), args.inputs, args.output, overlay=args.overlay, threshold=args.threshold,
+        model, args.inputs, args.output, overlay=args.overlay, threshold=args.threshold,
         tta=args.tta, tile_size=args.tile_size, overlap=args.overlap, mode=args.ds_mode, level=args.prune_level,
     )
+    print(f"wrote {len(written)} mask(s) to {args.output}")
+    return 0
+
+
+def _predict_scans(args, model, run: dict) -> int:
+    """`predict` on NIfTI files or DICOM series folders: masks as NIfTI on each scan's own geometry."""
+    from unetpp_tf.inference import as_single_output
+    from unetpp_tf.volume_inference import predict_scans
+
+    window = run.get("window", "lung")
+    options = dict(spacing=run.get("spacing"), window=tuple(window) if isinstance(window, list) else window)
+    if len(model.inputs[0].shape) == 5:
+        patch = args.tile_size or run.get("patch_size")
+        options["patch_size"] = tuple(patch) if patch else None
+    model = as_single_output(model, args.ds_mode, args.prune_level)
+    written = predict_scans(model, args.inputs, args.output, threshold=args.threshold, overlap=args.overlap, **options)
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
 
@@ -324,13 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
-    predict = sub.add_parser("predict", help="segment image files into mask PNGs")
+    predict = sub.add_parser(
+        "predict", help="segment image files into mask PNGs, or scans (NIfTI files, DICOM folders) into NIfTI masks"
+    )
     predict.add_argument("--model", required=True, help="model file or run directory")
-    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders, or NIfTI files / DICOM series folders")
     predict.add_argument("--output", required=True, help="folder for the masks")
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     predict.add_argument("--tta", action="store_true", help="average over flips (4 passes)")
-    predict.add_argument("--tile-size", type=int, nargs="+", metavar="N", help="sliding-window size for large images")
+    predict.add_argument("--tile-size", type=int, nargs="+", metavar="N",
+                         help="sliding-window size for large images (3D scans: D H W; default: the training patch)")
     predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction")
     _add_inference_flags(predict)
     predict.set_defaults(run=_predict)

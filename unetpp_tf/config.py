@@ -19,6 +19,19 @@ CHOICES = {
     "augment": ("device", "host", "none"),
     "task": ("binary", "multiclass"),
     "normalize": ("fixed", "dataset", "minmax", "percentile", "zscore"),
+    "volume_mode": ("3d", "2.5d", "2d"),
+}
+
+SYNTHETIC_CT = "synthetic-ct"
+
+# The settings whose default depends on the data: None in a TrainConfig means "the recipe's value".
+# Scans train on patches (3d) or on slices with their neighbours as channels (2.5d, 2d = one slice);
+# `benchmarks/ct_recipe.py` measures the volume recipes.
+IMAGE_RECIPE = dict(batch_size=8, epochs=10, num_samples=512, image_size=(96, 96), depth=4, patches_per_volume=8)
+VOLUME_RECIPES = {
+    "3d": dict(batch_size=2, epochs=16, num_samples=16, patch_size=(32, 64, 64), depth=3, patches_per_volume=8),
+    "2.5d": dict(batch_size=8, epochs=16, num_samples=16, patch_size=(96, 96), depth=4, patches_per_volume=32),
+    "2d": dict(batch_size=8, epochs=16, num_samples=16, patch_size=(96, 96), depth=4, patches_per_volume=32),
 }
 
 DEEPLAB_OUTPUT_STRIDE = 16  # DeepLabV3+'s deepest map is at 1/16 of the input (build_deeplabv3plus's default)
@@ -49,6 +62,7 @@ class TrainConfig:
         >>> config = TrainConfig(name="nuclei", epochs=20, filters=32)
         >>> config = TrainConfig(encoder="mobilenetv2", encoder_weights="imagenet", freeze_encoder_epochs=3)
         >>> config = TrainConfig.from_dict(json.load(open("config.json")))
+        >>> config = TrainConfig(data="synthetic-ct", volume_mode="2.5d", window="lung")
     """
 
     # run
@@ -60,12 +74,12 @@ class TrainConfig:
     images: str | None = None
     masks: str | None = None
     task: str = "binary"
-    num_samples: int = 512
-    image_size: tuple = (96, 96)
+    num_samples: int | None = None
+    image_size: tuple | None = None
     crop_size: tuple | None = None
     channels: int | None = None
     num_classes: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     split: tuple = (0.7, 0.15, 0.15)
     group_by: str | None = None
     skip_invalid: bool = False
@@ -73,12 +87,20 @@ class TrainConfig:
     normalize: str = "dataset"
     augment: str = "device"
     augmentation: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
+    # scans
+    volume_mode: str = "3d"
+    patch_size: tuple | None = None
+    slices: int = 5
+    spacing: tuple | None = None
+    window: str | tuple = "lung"
+    foreground_share: float = 0.33
+    patches_per_volume: int | None = None
     # model
     arch: str = "unetpp"
     encoder: str | None = None
     encoder_weights: str | None = None
     preset: str | None = None
-    depth: int = 4
+    depth: int | None = None
     filters: int | tuple = 16
     deep_supervision: bool = False
     batch_norm: bool = True
@@ -95,7 +117,7 @@ class TrainConfig:
     warmup_steps: int = 50
     min_steps: int = 200
     clipnorm: float | None = None
-    epochs: int = 10
+    epochs: int | None = None
     freeze_encoder_epochs: int = 0
     finetune_lr_factor: float = 0.1
     early_stopping: int = 0
@@ -112,13 +134,16 @@ class TrainConfig:
             value = getattr(self, key)
             if value not in choices:
                 raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}.")
-        for key in ("image_size", "crop_size", "split"):
+        for key in ("image_size", "crop_size", "split", "patch_size", "spacing"):
             value = getattr(self, key)
             if value is not None:
                 setattr(self, key, tuple(value))
         if isinstance(self.filters, list):
             self.filters = tuple(self.filters)
-        for key in ("epochs", "batch_size", "num_samples"):
+        if isinstance(self.window, list):
+            self.window = tuple(self.window)
+        self._fill_recipe()
+        for key in ("epochs", "batch_size", "num_samples", "slices", "patches_per_volume", "depth"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}.")
@@ -135,6 +160,70 @@ class TrainConfig:
         if self.arch == "unet" and self.deep_supervision:
             self.deep_supervision = False  # U-Net has a single decoder column
         self._check_model()
+        self._check_volume_settings()
+
+    @property
+    def on_scans(self) -> bool:
+        """Whether the data are scans (NIfTI/DICOM volumes or the built-in synthetic CT), not images."""
+        if self.data == SYNTHETIC_CT:
+            return True
+        if self.data == "synthetic" or self.data.startswith("tfds:"):
+            return False
+        from unetpp_tf.data.medical_io import is_scan_folder  # deferred: the data package imports TensorFlow
+
+        if self.images or self.masks:
+            return bool(self.images) and is_scan_folder(Path(self.images).parent) and Path(self.images).name == "images"
+        return is_scan_folder(self.data)
+
+    @property
+    def volumetric(self) -> bool:
+        """Whether the model is a 3D network (scans with `volume_mode="3d"`)."""
+        return self.on_scans and self.volume_mode == "3d"
+
+    def _fill_recipe(self) -> None:
+        """Give the settings left at None their value for this kind of data."""
+        for key, value in self.recipe().items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def recipe(self) -> dict:
+        """The data-dependent defaults for this configuration's data (see `IMAGE_RECIPE`, `VOLUME_RECIPES`)."""
+        return VOLUME_RECIPES[self.volume_mode] if self.on_scans else IMAGE_RECIPE
+
+    def _check_volume_settings(self) -> None:
+        """Refuse scan settings on image data, and scan settings that contradict each other."""
+        volume_only = ("patch_size", "spacing")
+        if not self.on_scans:
+            for key in volume_only:
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{_flag(key)} is for scans (--data {SYNTHETIC_CT} or a folder of NIfTI/DICOM scans); "
+                        f"{self.data!r} holds images: use --image-size / --crop-size."
+                    )
+            return
+        for flag, value in (("--image-size", self.image_size), ("--crop-size", self.crop_size)):
+            if value is not None:
+                raise ValueError(f"{flag} is for images; scans train on patches: use --patch-size.")
+        wanted = 3 if self.volume_mode == "3d" else 2
+        sizes_ok = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.patch_size)
+        if len(self.patch_size) != wanted or not sizes_ok:
+            axes = "DEPTH HEIGHT WIDTH" if wanted == 3 else "HEIGHT WIDTH"
+            raise ValueError(
+                f"--patch-size {_flag_value(self.patch_size)}: --volume-mode {self.volume_mode} takes {wanted} "
+                f"positive sizes ({axes})."
+            )
+        if self.spacing is not None and (len(self.spacing) != 3 or any(s <= 0 for s in self.spacing)):
+            raise ValueError(f"--spacing {_flag_value(self.spacing)}: give 3 positive voxel sizes in mm (Z Y X).")
+        if self.slices % 2 == 0:
+            raise ValueError(f"--slices {self.slices} must be odd: the centre slice is labelled, with as many "
+                             "neighbours on each side (e.g. 3 or 5).")
+        if not 0.0 <= self.foreground_share <= 1.0:
+            raise ValueError(f"--foreground-share must be in [0, 1], got {self.foreground_share}.")
+        if self.has_encoder and self.volume_mode == "3d":
+            raise ValueError("--encoder and --arch deeplabv3plus are 2D networks: use --volume-mode 2.5d with them.")
+        for flag, value in (("--folds", self.folds), ("--group-by", self.group_by)):
+            if value:
+                raise ValueError(f"{flag} is for image folders; scans are split by scan already.")
 
     @property
     def has_encoder(self) -> bool:
@@ -189,7 +278,7 @@ class TrainConfig:
             )
         if self.preset:
             raise ValueError(f"--preset {self.preset} configures UNet++ and U-Net, not --arch deeplabv3plus; drop it.")
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)} | self.recipe()
         unused = [name for name in ("depth", "filters", "upsampling", "l2") if getattr(self, name) != defaults[name]]
         if unused:
             given = ", ".join(f"--{name} {_flag_value(getattr(self, name))}" for name in unused)
@@ -223,6 +312,8 @@ class TrainConfig:
         Example:
             >>> TrainConfig(encoder="resnet50", image_size=(100, 100)).check_training_size()   # raises
         """
+        if self.on_scans:  # patches are checked against the pooling the scans' spacing gives (training.py)
+            return
         folder = self.images or self.masks or not (self.data == "synthetic" or self.data.startswith("tfds:"))
         if self.crop_size and folder:
             self.check_size(self.crop_size, "--crop-size")  # folder data trains on the crops
@@ -292,6 +383,10 @@ def _encoder_key(name: str) -> str:
     except ValueError as error:
         raise ValueError(f"--encoder: {error}") from None
     return next(key for key, row in ENCODERS.items() if row is spec)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _flag_value(value) -> str:

@@ -8,7 +8,8 @@
     metrics.json      test-split metrics of the best model, parameters, timings
     figures/          curves.png, predictions.png
     export/           saved_model/ and model.tflite (float32) unless disabled
-    splits.json       folder data: the (image, mask) files of each split
+    splits.json       folder data and scans: the (image, mask) files of each split
+    test_scans.csv    scans: Dice, IoU and surface distances (mm) of each test scan
     best.json         the best validation Dice and its epoch
     backup/           only while a run is unfinished: what `resume=True` continues from
                       (`unetpp_tf.checkpoints`)
@@ -26,6 +27,9 @@ phases, and the log a line where each begins; a resumed run continues in its pha
 
 Plain Keras works too: the datasets, losses and metrics are ordinary Keras objects, so
 `model.fit(data.train, validation_data=data.val)` needs nothing from this module.
+
+Scans (CT/MRI volumes) go through the same loop; what differs (patches, the 3D augmenter and
+pooling, scan-by-scan scoring) lives in `unetpp_tf.volume_training`.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from unetpp_tf.evaluation import evaluate
 from unetpp_tf.files import PARTIAL_PREFIX, temporary_name, write_json
 from unetpp_tf.inference import as_single_output
 from unetpp_tf.models import build_model, encoder_layers, from_preset
+from unetpp_tf import volume_training
 
 MIXED_PRECISION = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 MONITOR = "val_dice"
@@ -111,12 +116,14 @@ class TrainingDiverged(FloatingPointError):
 # ----------------------------------------------------------------------------- data / model
 
 
-def make_augmenter(config: TrainConfig) -> SegmentationAugmenter:
-    """The augmenter a configuration describes, seeded with the run's seed.
+def make_augmenter(config: TrainConfig) -> keras.layers.Layer:
+    """The augmenter a configuration describes, seeded with the run's seed (3D patches: a `VolumeAugmenter`).
 
     Example:
         >>> make_augmenter(TrainConfig(augmentation={"rotation": 0.1, "zoom": 0.1}))
     """
+    if config.volumetric:
+        return volume_training.volume_augmenter(config)
     valid = [name for name in inspect.signature(SegmentationAugmenter).parameters if name not in ("seed", "kwargs")]
     unknown = sorted(set(config.augmentation) - set(valid))
     if unknown:
@@ -137,6 +144,8 @@ def load_data(config: TrainConfig, splits: dict | None = None) -> SegmentationDa
         >>> data = load_data(TrainConfig(data="my_folder", image_size=(128, 128)))
     """
     host_augment = make_augmenter(config) if config.augment == "host" else None
+    if config.on_scans:
+        return volume_training.load_scans(config, splits=splits, augment=host_augment)
     common = dict(batch_size=config.batch_size, split=config.split, seed=config.seed, augment=host_augment)
     folder = dict(
         image_size=config.image_size, crop_size=config.crop_size, channels=config.channels,
@@ -161,7 +170,7 @@ def load_data(config: TrainConfig, splits: dict | None = None) -> SegmentationDa
 
 
 def model_from_config(
-    config: TrainConfig, channels: int, num_classes: int, preprocessing: dict | None = None
+    config: TrainConfig, channels: int, num_classes: int, preprocessing: dict | None = None, pool_sizes=None
 ) -> keras.Model:
     """Build the model a configuration describes, for `channels` inputs and `num_classes`.
 
@@ -175,12 +184,18 @@ def model_from_config(
         num_classes: int. 1 for binary, K > 1 for K classes.
         preprocessing: dict or None. Settings of the model's `InputPreprocessing` layer
             (see `preprocessing_for`); None builds the model without one. Defaults to None.
+        pool_sizes: list or None. 3D models (scans, `volume_mode="3d"`): the pooling per
+            level (`unetpp_tf.volume_training.pool_sizes_for`); None pools 2x on every axis.
+            Defaults to None.
 
     Example:
         >>> model = model_from_config(TrainConfig(filters=8, depth=3), channels=1, num_classes=1)
         >>> model = model_from_config(TrainConfig(encoder="mobilenetv2"), channels=3, num_classes=1)
     """
-    shape = dict(input_shape=(None, None, channels), num_classes=num_classes, preprocessing=preprocessing)
+    spatial = (None, None, None) if config.volumetric else (None, None)
+    shape = dict(input_shape=(*spatial, channels), num_classes=num_classes, preprocessing=preprocessing)
+    if pool_sizes is not None:
+        shape["pool_sizes"] = pool_sizes
     encoder = {key: value for key, value in (("encoder", config.encoder), ("encoder_weights", config.encoder_weights))
                if value is not None}  # unset: the builder's default (DeepLabV3+: resnet50)
     if config.arch == "deeplabv3plus":
@@ -310,7 +325,7 @@ def intensity_percentiles(dataset, percentiles=(1.0, 99.0, 99.8), max_pixels: in
 DIM_FRACTION = 0.01
 
 
-def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict:
+def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict | None:
     """The model's input preprocessing for a run: normalization and the training geometry.
 
     "dataset" normalization maps the training split's 1st..99.8th intensity percentiles to
@@ -322,12 +337,15 @@ def preprocessing_for(config: TrainConfig, data: SegmentationData) -> dict:
         data: SegmentationData. The opened data (its train split is measured).
 
     Returns:
-        dict: keyword arguments of `unetpp_tf.models.InputPreprocessing`.
+        dict or None: keyword arguments of `unetpp_tf.models.InputPreprocessing`; None for
+        scans, which the pipeline windows (the run's `window` and `spacing` say how).
 
     Example:
         >>> preprocessing_for(TrainConfig(normalize="dataset"), data)["normalize"]
         'dataset'
     """
+    if config.on_scans:
+        return None
     settings = dict(normalize=config.normalize, image_size=data.image_size, resize=_resize_policy(config, data))
     if config.normalize in ("fixed", "dataset"):
         levels = intensity_percentiles(data.train)
@@ -819,7 +837,8 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     with strategy.scope():
         # a resumed run's weights come from its backup: the encoder's initial weights are not loaded again
         built = dataclasses.replace(config, encoder_weights=None) if state else config
-        model = model_from_config(built, data.channels, data.num_classes, preprocessing)
+        pools = volume_training.pool_sizes_for(config, data)  # 3D: pooling for the scans' spacing
+        model = model_from_config(built, data.channels, data.num_classes, preprocessing, pools)
         trainer = AugmentedModel(model, make_augmenter(config)) if config.augment == "device" else model
     _clean_run_dir(run, resume)
     start = state["epoch"] if state else 0
@@ -997,9 +1016,12 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
     # compile=False: a model trained without a wrapper was saved with the optimizer of its phase, which
     # scoring and export do not need (and which a frozen phase's file holds for fewer variables)
     best = keras.models.load_model(run / "model.keras", compile=False)
-    result = evaluate(best, data.test, num_classes=data.num_classes)
+    if config.on_scans:
+        scores = volume_training.score_scans(best, config, data, run)
+    else:
+        scores = evaluate(best, data.test, num_classes=data.num_classes)["metrics"]
     record = {
-        "test": result["metrics"],
+        "test": scores,
         **record,
         "parameters": best.count_params(),
         "counts": data.counts,
@@ -1011,6 +1033,9 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
         viz.plot_history({k: v for k, v in history.items() if k != "encoder_frozen"}, path=figures / "curves.png")
     images, masks = next(iter(data.test))
     probabilities = as_single_output(best).predict(images, verbose=0)
+    if images.ndim == 5:  # 3D patches: their middle slices
+        middle = images.shape[1] // 2
+        images, masks, probabilities = images[:, middle], masks[:, middle], probabilities[:, middle]
     viz.plot_predictions(images, masks, probabilities, path=figures / "predictions.png")
     wanted = {"saved_model": config.export_saved_model, "tflite": config.export_tflite}
     formats = [name for name, on in wanted.items() if on]
