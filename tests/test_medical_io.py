@@ -202,6 +202,8 @@ def test_dicom_mixed_orientations_and_several_series_are_refused():
         read_scan(dicom_folder("98892001", "CT2N"))
     with pytest.raises(ValueError, match="MR2 holds 3 series; put each series in its own folder"):
         read_scan(dicom_folder("98892003", "MR2"))
+    with pytest.raises(FileNotFoundError, match="98892001 holds no DICOM image files .*CT2N, CT5N do: pass one"):
+        read_scan(dicom_folder("98892001"))
 
 
 def test_nifti_without_spatial_affine_is_refused_unless_allowed(tmp_path):

@@ -320,7 +320,9 @@ def _read_dicom(path: Path):
     if path.is_dir():
         datasets = _dicom_headers(path)
         if not datasets:
-            raise FileNotFoundError(f"DICOM folder {path} holds no DICOM image files; check the path.")
+            inner = [entry.name for entry in sorted(path.iterdir()) if is_dicom_series(entry)]
+            hint = f" (its subfolders {describe(inner, 5)} do: pass one of them)" if inner else ""
+            raise FileNotFoundError(f"DICOM folder {path} holds no DICOM image files{hint}; check the path.")
         _series_error(path, datasets)
     else:
         pydicom = _pydicom()
