@@ -12,9 +12,11 @@ MONAI half runs in a subprocess of the PyTorch interpreter given with --torch-py
 package never imports torch); without it the MONAI columns are skipped with a note.
 
 (b) Memory: peak resident memory (`ru_maxrss`) of a process that only trains the 3D UNet++
-at the same size, with and without `recompute=True`, each in its own process (the method of
-benchmarks/recompute_memory.py): the floor (before the first step: TensorFlow, model,
-weights, Adam slots), the peak, and the change.
+at the same patch size and batch, with and without `recompute=True`, each in its own process
+(the method of benchmarks/recompute_memory.py): the floor (before the first step: TensorFlow,
+model, weights, Adam slots), the peak, and the change. Its widths are --memory-features (the
+paper's 32..512 by default, 26.2M parameters; the throughput widths are smaller so that
+the slow side finishes in minutes).
 
 Usage:
     python benchmarks/volume_models.py --torch-python PATH/TO/venv/bin/python
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="patch side (voxels)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after two warm-up steps")
+    parser.add_argument("--memory-features", default="32,64,128,256,512", help="encoder widths of the memory part")
     parser.add_argument("--skip-memory", action="store_true", help="throughput only")
     parser.add_argument("--quick", action="store_true", help="8..128 widths, 32^3, 1 timed step: a smoke run")
     args = answer_single(parser, measure)
@@ -200,9 +203,12 @@ def main() -> None:
 
     if args.skip_memory:
         return
-    plain = ours
-    rec = run_isolated(__file__, {**spec, "kind": "memory", "recompute": True})
-    print(f"\nPeak training memory (ru_maxrss of a process training only that model), {size}^3 batch {args.batch}")
+    memory_features = features if args.quick else [int(f) for f in args.memory_features.split(",")]
+    memory_spec = {**spec, "features": memory_features, "kind": "memory"}
+    plain = ours if memory_features == features else run_isolated(__file__, {**memory_spec, "recompute": False})
+    rec = run_isolated(__file__, {**memory_spec, "recompute": True})
+    print(f"\nPeak training memory (ru_maxrss of a process training only that model), {size}^3 batch {args.batch}, "
+          f"widths {tuple(memory_features)}, {plain['params'] / 1e6:.2f}M parameters, Adam, BCE+Dice, XLA off")
     header = f"{'build':<12} | {'floor':>7} | {'peak':>7} | {'above floor':>11} | {'train p/s':>9}"
     print(header)
     print("-" * len(header))

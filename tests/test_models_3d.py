@@ -45,7 +45,7 @@ def _hand_count(widths, kernel=27, nested=True, batch_norm=False, in_channels=1,
 def test_paper_style_3d_parameter_counts():
     widths = (32, 64, 128, 256, 512)
     assert _hand_count(widths) == 26_198_273 and _hand_count(widths, nested=False) == 22_575_329
-    assert build_unetpp((None, None, None, 1), **PAPER).count_params() == 26_198_273
+    assert unetpp_tf.from_preset("paper", input_shape=(None, None, None, 1)).count_params() == 26_198_273
     assert build_unet((None, None, None, 1), **PAPER).count_params() == 22_575_329
     # the 2D formula gives the paper's figures: the 3D counts come from the same graph
     assert _hand_count(widths, kernel=9, up_kernels=[4] * 4) == 9_041_601

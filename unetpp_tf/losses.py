@@ -152,9 +152,10 @@ def _dice(y_true, probs, smooth):
 
 _ARG_DOCS = {
     "y_true": "tensor. Target, one-hot/binary (batch, H, W, C) or class ids "
-    "(batch, H, W[, 1]); any integer or float dtype.",
-    "y_pred": "tensor. Prediction (batch, H, W, C): sigmoid (C == 1) or softmax "
-    "(C > 1) probabilities, or logits with `from_logits=True`.",
+    "(batch, H, W[, 1]); any integer or float dtype. Volumes add a depth axis: "
+    "(batch, D, H, W, C).",
+    "y_pred": "tensor. Prediction (batch, H, W, C) or (batch, D, H, W, C): sigmoid (C == 1) "
+    "or softmax (C > 1) probabilities, or logits with `from_logits=True`.",
     "smooth": "float. Added to the numerator and the denominator of the overlap ratio, "
     "so an empty target with an empty prediction scores a perfect 1.",
     "from_logits": "bool. Whether `y_pred` holds logits instead of probabilities.",

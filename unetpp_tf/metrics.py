@@ -45,9 +45,10 @@ from .losses import _document, _prepare
 _ARG_DOCS = {
     "y_true": "tensor. Target, one-hot/binary (batch, H, W, C) or class ids "
     "(batch, H, W[, 1]). Multi-class pixels whose one-hot row is all zero are ignored "
-    "(on TensorFlow and JAX that includes 'void' ids >= num_classes, e.g. 255).",
-    "y_pred": "tensor. Prediction (batch, H, W, C): probabilities, or logits with "
-    "`from_logits=True`.",
+    "(on TensorFlow and JAX that includes 'void' ids >= num_classes, e.g. 255). "
+    "Volumes add a depth axis: (batch, D, H, W, C).",
+    "y_pred": "tensor. Prediction (batch, H, W, C) or (batch, D, H, W, C): probabilities, "
+    "or logits with `from_logits=True`.",
     "num_classes": "int. 1 for a binary (sigmoid) model, else the number of softmax "
     "channels.",
     "threshold": "float. Binary only: foreground where the probability is >= threshold; "
@@ -96,7 +97,8 @@ def _pixel_weights(sample_weight, rank):
         return weights
     raise ValueError(
         f"sample_weight of shape {tuple(weights.shape)} cannot weight a prediction of "
-        f"rank {rank}; pass shape (batch,), (batch, H, W) or (batch, H, W, 1)."
+        f"rank {rank}; pass shape (batch,), the prediction's shape without its channel axis "
+        "((batch, H, W), or (batch, D, H, W) for volumes) or with one channel."
     )
 
 
