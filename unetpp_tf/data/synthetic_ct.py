@@ -2,13 +2,13 @@
 
 A scan is a pure function of (seed, index). It shows an axial slab of a small chest: air around
 the body (-1000 HU), a table under it, subcutaneous fat (~-100 HU) around soft tissue (~40 HU)
-with a spine (bone), a heart and a trachea with its two main bronchi (air, outside the lungs), two
-lungs (~-850 HU, denser towards the back) whose bases sit on a domed diaphragm, vessel trees that
-branch from each hilum and thin out towards the periphery (+30..+90 HU, tubular), and two to four
-nodules (lobulated ellipsoids of 3..15 mm, at least one of 8 mm or more; +20..+60 HU): some free
-in the lung, some touching a vessel, some touching the lung wall. The scan is blurred by a point
-spread function (partial volume) and carries correlated noise of 12..25 HU, then rounded to
-integers like stored CT.
+with a spine and ribs (bone), a heart and a trachea with its two main bronchi (air, outside the
+lungs), two lungs (~-850 HU, denser towards the back) whose bases sit on a domed diaphragm, vessel
+trees that branch from each hilum and thin out towards the periphery (+30..+90 HU, tubular), and
+two to four nodules (lobulated ellipsoids of 3..15 mm, at least one of 8 mm or more; +20..+60 HU):
+some free in the lung, some touching a vessel, some touching the lung wall. The scan is blurred by
+a point spread function (partial volume) and carries correlated noise of 12..25 HU, then rounded
+to integers like stored CT.
 
 Labels: 0 background, 1 lung (the vessels inside it count as lung), 2 nodule. In one slice a
 vessel seen end-on looks like a small nodule, and a nodule touching the wall or a vessel has the
@@ -261,6 +261,25 @@ def synthetic_scan(index: int, *, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, 
                               lung_cy + rng.uniform(0.0, 0.1) * lung_y, lung_cx - side * 0.6 * lung_x]))
     lungs &= body & (depth > fat + wall) & ~heart
 
+    # Ribs: bony tubes in the chest wall, running from the spine round to the front and down.
+    rib_r = min(2.5, 0.4 * wall)
+    shrink = 1.0 - (fat + 0.5 * wall) / min(body_x, body_y)  # the wall's middle on the body outline
+    rib_gap = rng.uniform(12.0, 16.0)
+    for z0 in np.arange(-half_z - rng.uniform(0, rib_gap), half_z + 2 * rib_gap, rib_gap):
+        drop = rng.uniform(8.0, 16.0)
+        rib_hu = rng.uniform(350.0, 650.0)
+        for side in (-1.0, 1.0):
+            angles = np.linspace(-0.45 * math.pi, 0.3 * math.pi, 10)  # from the back to the front
+            cos, sin = np.cos(angles), np.sin(angles)
+            points = np.stack([z0 - drop * (angles - angles[0]) / (angles[-1] - angles[0]),
+                               centre_y + np.sign(sin) * body_y * np.abs(sin) ** (2 / power) * shrink,
+                               centre_x + side * body_x * np.abs(cos) ** (2 / power) * shrink], -1)
+            for start, end in zip(points[:-1], points[1:]):
+                box = grid.box(np.minimum(start, end) - rib_r - 1, np.maximum(start, end) + rib_r + 1)
+                if box is not None:
+                    bone = _segment_occupancy(grid, start, end, rib_r, box)
+                    hu[box] = hu[box] * (1 - bone) + rib_hu * bone
+
     # Trachea and main bronchi: air tubes with a wall, in the mediastinum (never lung).
     carina = np.array([min(z_top, half_z) - rng.uniform(0.25, 0.45) * 2 * half_z, centre_y + 0.15 * body_y, centre_x])
     airway_r = rng.uniform(0.09, 0.12) * body_y
@@ -430,7 +449,7 @@ def write_synthetic_ct(directory, num_scans: int = 16, *, shape=DEFAULT_SHAPE, s
     _check_count(num_scans)
     directory = Path(directory)
     parameters = {"num_scans": int(num_scans), "shape": [int(n) for n in shape],
-                  "spacing": [float(s) for s in spacing], "seed": int(seed), "version": 2}
+                  "spacing": [float(s) for s in spacing], "seed": int(seed), "version": 3}
     names = [f"ct_{i:03d}.nii.gz" for i in range(int(num_scans))]
     record = directory / _PARAMETERS_FILE
     try:
