@@ -347,3 +347,31 @@ def canonical_slice_index(affine, position, column, row):
     k = np.linalg.solve(affine[:3, :3], ras - affine[:3, 3])[2]
     assert abs(k - round(k)) < 1e-3
     return column, row, int(round(k))
+
+
+def test_canonical_transform_undoes_every_axis_order_and_direction():
+    from itertools import permutations, product
+
+    from unetpp_tf.data.medical_io import from_canonical, index_map, to_canonical
+
+    rng = np.random.default_rng(0)
+    data = rng.random((3, 4, 5))
+    base = np.diag([1.5, 0.7, 2.5, 1.0])  # canonical RAS file: i -> R, j -> A, k -> S
+    base[:3, 3] = (-3.0, 8.0, 1.0)
+    for order, signs in product(permutations(range(3)), product((1, -1), repeat=3)):
+        # A file storing the same voxels with axes permuted and reversed.
+        stored = np.transpose(data, order)
+        step = np.zeros((4, 4))
+        step[3, 3] = 1
+        for new_axis, (old_axis, sign) in enumerate(zip(order, signs)):
+            step[old_axis, new_axis] = sign
+            step[old_axis, 3] = 0 if sign > 0 else data.shape[old_axis] - 1
+        stored = np.flip(stored, [a for a in range(3) if signs[a] < 0])
+        affine = base @ step
+        axes, flips = canonical_transform(affine)
+        canonical = to_canonical(stored, axes, flips)
+        np.testing.assert_array_equal(canonical, np.transpose(data, (2, 1, 0)))
+        canonical_affine = affine @ index_map(axes, flips, stored.shape)
+        np.testing.assert_allclose(canonical_affine[:3, :3], [[0, 0, 1.5], [0, 0.7, 0], [2.5, 0, 0]])
+        np.testing.assert_allclose(canonical_affine[:3, 3], base[:3, 3])
+        np.testing.assert_array_equal(from_canonical(canonical, axes, flips), stored)

@@ -164,7 +164,20 @@ def canonical_transform(affine) -> tuple[tuple[int, int, int], tuple[bool, bool,
 
 
 def index_map(axes, flips, file_shape) -> np.ndarray:
-    """4x4 map from canonical voxel indices (z, y, x, 1) to the file's voxel indices (i, j, k, 1)."""
+    """4x4 map from canonical voxel indices (z, y, x, 1) to the file's voxel indices (i, j, k, 1).
+
+    Args:
+        axes: tuple. File axis of each canonical axis (see `canonical_transform`).
+        flips: tuple. Whether each canonical axis runs against its file axis.
+        file_shape: tuple. (I, J, K) voxels of the file.
+
+    Returns:
+        np.ndarray: 4x4; `file_affine @ index_map(...)` is the canonical array's affine.
+
+    Example:
+        >>> index_map((2, 1, 0), (False, False, True), (33, 41, 25))[:3, 3]   # x reversed: i = 32 - x
+        array([32.,  0.,  0.])
+    """
     matrix = np.zeros((4, 4))
     matrix[3, 3] = 1.0
     for canonical, (axis, flip) in enumerate(zip(axes, flips)):
@@ -174,14 +187,24 @@ def index_map(axes, flips, file_shape) -> np.ndarray:
 
 
 def to_canonical(data: np.ndarray, axes, flips) -> np.ndarray:
-    """File array (i, j, k[, c]) -> canonical (z, y, x[, c]) by a transpose and flips (no copy of values)."""
+    """File array (i, j, k[, c]) -> canonical (z, y, x[, c]) by a transpose and flips (a view, no copy).
+
+    Example:
+        >>> to_canonical(np.zeros((33, 41, 25)), (2, 1, 0), (False, False, True)).shape
+        (25, 41, 33)
+    """
     out = np.transpose(data, tuple(axes) + tuple(range(3, data.ndim)))
     flipped = tuple(c for c in range(3) if flips[c])
     return np.flip(out, flipped) if flipped else out
 
 
 def from_canonical(array: np.ndarray, axes, flips) -> np.ndarray:
-    """Canonical array (z, y, x[, c]) -> the file's axis order (i, j, k[, c]): the inverse of `to_canonical`."""
+    """Canonical array (z, y, x[, c]) -> the file's axis order (i, j, k[, c]): the inverse of `to_canonical`.
+
+    Example:
+        >>> from_canonical(np.zeros((25, 41, 33, 2)), (2, 1, 0), (False, False, True)).shape
+        (33, 41, 25, 2)
+    """
     flipped = tuple(c for c in range(3) if flips[c])
     out = np.flip(array, flipped) if flipped else array
     return np.transpose(out, tuple(np.argsort(axes)) + tuple(range(3, array.ndim)))
