@@ -23,6 +23,7 @@ the source file.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -154,9 +155,11 @@ def _patch_size(patch_size, fixed, model) -> tuple:
 
 
 def _forward(model, batch: np.ndarray, patch: tuple) -> np.ndarray:
+    import tensorflow as tf
+
     try:
         return np.asarray(model.predict_on_batch(batch), np.float32)
-    except Exception as error:  # noqa: BLE001  (Keras and TF raise several types for a shape the graph rejects)
+    except (ValueError, tf.errors.InvalidArgumentError) as error:  # a shape the graph rejects
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"{_describe(model)} cannot run on patches of {patch} voxels ({reason}); give a patch_size whose "
@@ -455,12 +458,13 @@ def _scan_inputs(inputs) -> tuple[list[Path], list[str]]:
 
 
 def _prepare(volume, *, spacing, window):
+    """The volume resampled and windowed; its image replaced, so the HU array is not kept alongside."""
     from unetpp_tf.data import volumes
 
     if spacing is not None:
         volume = volumes.resample(volume, spacing)
     image = volume.image if window is None else volumes.apply_window(volume.image, window)
-    return volume, np.asarray(image, np.float32)
+    return dataclasses.replace(volume, image=np.asarray(image, np.float32))
 
 
 def _scan_problem(model, dims, volume, path) -> str | None:
@@ -527,12 +531,14 @@ def predict_scans(
         >>> predict_scans("model.keras", ["ct/patient1.nii.gz", "ct/patient2_dicom/"], "masks/")
     """
     from unetpp_tf import files
-    from unetpp_tf.data import medical_io
+    from unetpp_tf.data import medical_io, volumes
 
     model = inference.as_single_output(model)
     dims = model_dims(model)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
+    if window is not None:
+        volumes.window_range(window)  # a bad window name is refused before any scan is read
     scans, problems = _scan_inputs(inputs)
     names = {}
     for path in scans:
@@ -558,8 +564,8 @@ def predict_scans(
     files.require_writable(output_dir)
     written = []
     for path in scans:
-        volume, image = _prepare(medical_io.read_scan(path), spacing=spacing, window=window)
-        probs = predict_volume(model, image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
+        volume = _prepare(medical_io.read_scan(path), spacing=spacing, window=window)
+        probs = predict_volume(model, volume.image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
         labels = inference.labels_from_probabilities(probs, threshold)
         name = medical_io.scan_stem(path)
         if probabilities:
