@@ -141,6 +141,16 @@ def test_deep_supervision_unetpp_runs_in_accurate_mode(rng):
         vi.sliding_window_predict(model, image, patch_size=(6, 8, 8))
 
 
+def test_exported_savedmodel_runs_like_the_keras_model(tmp_path, rng):
+    from unetpp_tf.runners import SavedModelRunner
+
+    model = conv3d_model((8, 8, 8, 1), classes=1)
+    model.export(str(tmp_path / "saved"), verbose=False)
+    runner = SavedModelRunner(tmp_path / "saved")
+    image = rng.random((10, 12, 8, 1), dtype=np.float32)
+    np.testing.assert_allclose(vi.predict_volume(runner, image), vi.predict_volume(model, image), atol=1e-5)
+
+
 def test_sliding_window_refuses_bad_arguments(net3d, rng):
     image = rng.random((8, 8, 8, 1), dtype=np.float32)
     with pytest.raises(ValueError, match="pass patch_size"):

@@ -18,7 +18,8 @@ slices as channels) gets them stacked the same way: slice offsets -(k // 2) .. k
 order, each slice's C channels together, the end slices repeated past the ends.
 `predict_volume` picks one of the two from the model's input rank, and `predict_scans` reads
 NIfTI files or DICOM series, predicts them and writes the masks as NIfTI in the geometry of
-the source file.
+the source file. Every function takes a Keras model, a path for `inference.load_model`, or an
+exported model (`unetpp_tf.runners.SavedModelRunner` / `TFLiteModel`).
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def sliding_window_predict(
     go through the model `batch_size` at a time (see the module docstring for the formula).
 
     Args:
-        model: keras.Model or str. A 3D model taking [N, D, H, W, C] (deep-supervision models
-            run in "accurate" mode, the mean of the heads), or a path for
-            `unetpp_tf.inference.load_model`.
+        model: keras.Model, str or runner. A 3D model taking [N, D, H, W, C] (deep-supervision
+            models run in "accurate" mode, the mean of the heads), a path for
+            `unetpp_tf.inference.load_model`, or an exported model from `unetpp_tf.runners`.
         image: array. One volume float32 [D, H, W, C], intensities as the model was trained on
             (e.g. windowed CT).
         patch_size: int, tuple or None. (D, H, W) of the windows; None uses the model's fixed
