@@ -27,11 +27,16 @@ SYNTHETIC_CT = "synthetic-ct"
 # The settings whose default depends on the data: None in a TrainConfig means "the recipe's value".
 # Scans train on patches (3d) or on slices with their neighbours as channels (2.5d, 2d = one slice);
 # `benchmarks/ct_recipe.py` measures the volume recipes.
-IMAGE_RECIPE = dict(batch_size=8, epochs=10, num_samples=512, image_size=(96, 96), depth=4, patches_per_volume=8)
+IMAGE_RECIPE = dict(
+    batch_size=8, epochs=10, num_samples=512, image_size=(96, 96), depth=4, filters=16, patches_per_volume=8
+)
 VOLUME_RECIPES = {
-    "3d": dict(batch_size=2, epochs=16, num_samples=16, patch_size=(32, 64, 64), depth=3, patches_per_volume=8),
-    "2.5d": dict(batch_size=8, epochs=16, num_samples=16, patch_size=(96, 96), depth=4, patches_per_volume=32),
-    "2d": dict(batch_size=8, epochs=16, num_samples=16, patch_size=(96, 96), depth=4, patches_per_volume=32),
+    "3d": dict(batch_size=2, epochs=24, num_samples=16, patch_size=(32, 64, 64), depth=3, filters=8,
+               patches_per_volume=8),
+    "2.5d": dict(batch_size=8, epochs=24, num_samples=16, patch_size=(96, 96), depth=4, filters=16,
+                 patches_per_volume=32),
+    "2d": dict(batch_size=8, epochs=24, num_samples=16, patch_size=(96, 96), depth=4, filters=16,
+               patches_per_volume=32),
 }
 
 DEEPLAB_OUTPUT_STRIDE = 16  # DeepLabV3+'s deepest map is at 1/16 of the input (build_deeplabv3plus's default)
@@ -101,7 +106,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     preset: str | None = None
     depth: int | None = None
-    filters: int | tuple = 16
+    filters: int | tuple | None = None
     deep_supervision: bool = False
     batch_norm: bool = True
     bn_momentum: float = 0.9
