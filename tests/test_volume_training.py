@@ -31,6 +31,8 @@ def test_scans_take_the_volume_recipe_and_flags_override_it(scans):
     assert (config.batch_size, config.depth, config.patch_size) == tuple(
         VOLUME_RECIPES["3d"][k] for k in ("batch_size", "depth", "patch_size"))
     assert config.image_size is None
+    explicit = TrainConfig(images=str(scans / "images"), masks=str(scans / "masks"))
+    assert explicit.on_scans and explicit.patch_size == VOLUME_RECIPES["3d"]["patch_size"]
     flat = TrainConfig(data="synthetic-ct", volume_mode="2.5d", batch_size=4)
     assert flat.on_scans and not flat.volumetric
     assert (flat.batch_size, flat.patch_size) == (4, VOLUME_RECIPES["2.5d"]["patch_size"])

@@ -170,15 +170,13 @@ class TrainConfig:
     @property
     def on_scans(self) -> bool:
         """Whether the data are scans (NIfTI/DICOM volumes or the built-in synthetic CT), not images."""
+        from unetpp_tf.data.medical_io import is_scan_folder, list_scans  # deferred: the data package imports TF
+
+        if self.images or self.masks:  # explicit folders take the place of --data
+            return bool(self.images) and Path(self.images).is_dir() and bool(list_scans(self.images))
         if self.data == SYNTHETIC_CT:
             return True
-        if self.data == "synthetic" or self.data.startswith("tfds:"):
-            return False
-        from unetpp_tf.data.medical_io import is_scan_folder  # deferred: the data package imports TensorFlow
-
-        if self.images or self.masks:
-            return bool(self.images) and is_scan_folder(Path(self.images).parent) and Path(self.images).name == "images"
-        return is_scan_folder(self.data)
+        return not (self.data == "synthetic" or self.data.startswith("tfds:")) and is_scan_folder(self.data)
 
     @property
     def volumetric(self) -> bool:
