@@ -78,6 +78,11 @@ def test_3d_layers_and_names_match_2d():
     assert tuple(vol.get_layer("output_1_logits").kernel.shape) == (1, 1, 1, 4, 1)
     assert isinstance(vol.get_layer("x_0_0_bn1"), FusedBatchNormalization)
     assert isinstance(vol.get_layer("x_0_0_drop1"), FusedDropout)
+    lines = []
+    vol.summary(line_length=120, print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    assert "x_0_2_conv1 (ConcatConv3D)" in text and "(None, 8, 16, 16, 4)" in text
+    assert f"Total params: {vol.count_params():,}" in text
     assert tuple(vol.get_layer("x_2_0_act2").output.shape) == (None, 4, 4, 4, 16)
     for mode, cls in (("bilinear", VolumeUpsampling), ("nearest", VolumeUpsampling)):
         layer = build_unet((None, None, None, 1), depth=2, filters=2, upsampling=mode).get_layer("x_0_2_up")
