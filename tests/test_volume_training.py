@@ -88,6 +88,12 @@ def test_cli_trains_a_3d_unetpp_on_a_folder_of_scans_then_scores_and_segments_a_
     scores = json.loads(capsys.readouterr().out)
     assert scores["dice"] == pytest.approx(record["test"]["dice"], abs=1e-6)
 
+    assert main(["export", "--model", str(run), "--output", str(tmp_path / "export"), "--tflite"]) == 0
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    tflite = next(a for a in report["artifacts"] if a["name"] == "model_float32")
+    assert tflite["dice_agreement"] > 0.99 and not tflite["custom_ops"]
+    assert "image size 8x16x16" in capsys.readouterr().out  # the training patch
+
     source = scans / "images" / "ct_000.nii.gz"
     assert main(["predict", "--model", str(run), str(source), "--output", str(tmp_path / "masks")]) == 0
     written = nib.load(tmp_path / "masks" / "ct_000_mask.nii.gz")

@@ -224,7 +224,7 @@ def _data_for(args, model_path: str):
             values[name] = getattr(args, name)
     if getattr(args, "skip_invalid", False):
         values["skip_invalid"] = True
-    if args.image_size:
+    if args.image_size and not values.get("patch_size"):  # scans keep their patches (export sizes a 3D model)
         values["image_size"] = (args.image_size[0], args.image_size[-1])
     values.update(augment="none", folds=0)
     run = _run_dir(model_path)
@@ -338,7 +338,7 @@ def _export(args) -> int:
     if not formats:
         formats = ["saved_model", "tflite"]
     run = _run_config(model_path)
-    size = args.image_size or run.get("crop_size") or run.get("image_size")
+    size = args.image_size or run.get("crop_size") or run.get("image_size") or run.get("patch_size")
     samples = None
     if args.calibration_data:
         args.data, args.images, args.masks = args.calibration_data, None, None
@@ -348,18 +348,25 @@ def _export(args) -> int:
         raise ValueError("export needs sample images for its parity check: pass --calibration-data DIR.")
     report = export_model(
         load_model(model_path), args.output, formats=formats, quantize=tuple(args.quantize),
-        image_size=None if size is None else (size[0], size[-1]), mode=args.ds_mode, level=args.prune_level,
+        image_size=_spatial_size(size), mode=args.ds_mode, level=args.prune_level,
         calibration=samples, samples=samples,
     )
     print(format_report(report))
     return 0
 
 
+def _spatial_size(size) -> tuple | None:
+    """HEIGHT [WIDTH] (one number: square), or DEPTH HEIGHT WIDTH for a 3D model."""
+    if not size:
+        return None
+    return tuple(size) if len(size) == 3 else (size[0], size[-1])
+
+
 def _summary(args) -> int:
     from unetpp_tf.models import build_model, from_preset
 
-    size = args.input_size or [None]
-    options = dict(input_shape=(size[0], size[-1], args.channels), num_classes=args.num_classes)
+    size = _spatial_size(args.input_size) or (None, None)
+    options = dict(input_shape=(*size, args.channels), num_classes=args.num_classes)
     if args.encoder:
         options["encoder"] = args.encoder
     if args.depth is not None:
@@ -385,7 +392,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="synthetic, a folder, or tfds:NAME (default: the model's training data)")
     parser.add_argument("--images", help="explicit image folder")
     parser.add_argument("--masks", help="explicit mask folder")
-    parser.add_argument("--image-size", type=int, nargs="+", metavar="N", help="HEIGHT [WIDTH]")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="N",
+                        help="HEIGHT [WIDTH] (export of a 3D model: DEPTH HEIGHT WIDTH, default its training patch)")
     parser.add_argument("--batch-size", type=int, help="images per batch")
     parser.add_argument("--seed", type=int, help="split seed (default: the run's)")
     parser.add_argument("--num-samples", type=int, help="synthetic data: number of images")
@@ -449,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--depth", type=int, help="number of poolings (default 4)")
     summary.add_argument("--filters", type=int, nargs="+", help="base width, or depth+1 widths")
     summary.add_argument("--deep-supervision", action="store_true", help="one head per decoder column")
-    summary.add_argument("--input-size", type=int, nargs="+", metavar="N", help="height [width]")
+    summary.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                         help="height [width], or depth height width for a 3D model")
     summary.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
     summary.add_argument("--num-classes", type=int, default=1, help="1 = binary (sigmoid)")
     summary.set_defaults(run=_summary)

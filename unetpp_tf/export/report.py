@@ -94,7 +94,7 @@ def format_report(report: dict) -> str:
     header = (
         f"mode {report.get('mode')}"
         + (f", level {report['level']}" if report.get("level") is not None else "")
-        + (f", image size {size[0]}x{size[1]}" if size else ", dynamic image size")
+        + (f", image size {'x'.join(str(s) for s in size)}" if size else ", dynamic image size")
         + f", {report.get('parity_images', 0)} parity images"
         + (f", Keras {report['keras_latency_ms']:.1f} ms/image" if report.get("keras_latency_ms") is not None else "")
     )
