@@ -133,3 +133,16 @@ def test_a_resumed_3d_run_ends_with_the_weights_of_an_uninterrupted_one(scans, t
     assert len(resumed.values) == len(whole.values) > 0
     for expected, got in zip(whole.values, resumed.values):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scans_without_the_medical_extra_are_one_line_naming_the_install(scans, tmp_path, capsys, monkeypatch):
+    from unetpp_tf.data import medical_io
+
+    def missing():
+        raise ImportError(f"NIfTI files need the nibabel package: {medical_io.INSTALL_HINT}")
+
+    monkeypatch.setattr(medical_io, "_nibabel", missing)
+    assert main(["train", "--data", str(scans), *TINY_3D, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert 'pip install "unetpp-tf[medical]"' in err

@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unetpp-tf: interrupted; continue a training run with the same command and --resume", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError, FloatingPointError) as error:
+    except (ValueError, KeyError, OSError, FloatingPointError, ImportError) as error:  # ImportError: an extra
         print(f"unetpp-tf: error: {error_message(error)}", file=sys.stderr)
         return 2
 
