@@ -241,26 +241,30 @@ def _evaluate(args) -> int:
     models = [load_model(p) for p in paths]
     data = _data_for(args, args.model[0])
     if data.volumes:
-        return _evaluate_scans(args, models, data)
-    names = [Path(image).name for image, _ in data.files.get(args.split, [])] or None  # folder data: file names
-    result = evaluate(
-        models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold, names=names
-    )
+        result = _score_scans(args, models, data)
+    else:
+        names = [Path(image).name for image, _ in data.files.get(args.split, [])] or None  # folder data: file names
+        result = evaluate(
+            models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold,
+            names=names,
+        )
     if args.csv:
         write_per_image_csv(result["per_image"], args.csv)
     metrics = result["metrics"]
     if args.json:
         print(json.dumps(metrics))
-    else:
-        for key in ("dice", "iou", "precision", "recall", "f1", "accuracy"):
-            print(f"{key:<10} {metrics[key]:.4f}")
-        print(f"{'images':<10} {metrics['images']}")
+        return 0
+    for key, value in metrics.items():  # the scores, then the count of images or scans
+        if isinstance(value, float):
+            print(f"{key:<10} {value:.4f}")
+        elif isinstance(value, int):
+            print(f"{key:<10} {value}")
     return 0
 
 
-def _evaluate_scans(args, models: list, data) -> int:
+def _score_scans(args, models: list, data) -> dict:
     """`evaluate` on scans: whole scans, sliding windows of the training patch, surface distances in mm."""
-    from unetpp_tf.evaluation import evaluate_volumes, write_per_image_csv
+    from unetpp_tf.evaluation import evaluate_volumes
     from unetpp_tf.inference import as_single_output
 
     if len(models) > 1:
@@ -268,19 +272,8 @@ def _evaluate_scans(args, models: list, data) -> int:
     run = _run_config(args.model[0])
     patch = dict(patch_size=tuple(run["patch_size"])) if run.get("volume_mode") == "3d" else {}
     model = as_single_output(models[0], args.ds_mode, args.prune_level)
-    result = evaluate_volumes(
-        model, data.volumes[args.split], num_classes=data.num_classes, threshold=args.threshold, **patch
-    )
-    if args.csv:
-        write_per_image_csv(result["per_image"], args.csv)
-    metrics = result["metrics"]
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                print(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
-    return 0
+    return evaluate_volumes(model, data.volumes[args.split], num_classes=data.num_classes, threshold=args.threshold,
+                            **patch)
 
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")

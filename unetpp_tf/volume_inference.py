@@ -54,6 +54,18 @@ def _input_shape(model) -> tuple:
     return tuple(None if d is None else int(d) for d in model.inputs[0].shape)
 
 
+def _single_output_of_rank(model, rank: int):
+    """The model's single-output form (deep supervision: accurate mode), refused unless its input has `rank` axes."""
+    model = inference.as_single_output(model)
+    shape = _input_shape(model)
+    if len(shape) != rank:
+        wanted, other = (("volumes (batch, D, H, W, C)", "a 2D model with predict_slices") if rank == 5 else
+                         ("2D slices (batch, H, W, C)", "a 3D model with sliding_window_predict"))
+        raise ValueError(f"{_describe(model)} takes inputs of shape {shape}, not {wanted}; run {other} or "
+                         "predict_volume.")
+    return model
+
+
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -206,13 +218,8 @@ def sliding_window_predict(
     Example:
         >>> probs = sliding_window_predict(model, volume.image, overlap=0.5, batch_size=2)
     """
-    model = inference.as_single_output(model)
+    model = _single_output_of_rank(model, 5)
     shape = _input_shape(model)
-    if len(shape) != 5:
-        raise ValueError(
-            f"{_describe(model)} takes inputs of shape {shape}, not volumes (batch, D, H, W, C); "
-            "run a 2D model with predict_slices or predict_volume."
-        )
     batch_size = _check_batch_size(batch_size)
     if isinstance(overlap, bool) or not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}; 0.5 is a good default.")
@@ -338,13 +345,7 @@ def predict_slices(model, image, *, slices: int | None = None, batch_size: int =
     Example:
         >>> probs = predict_slices(model_25d, volume.image)   # a 3-slice model on a 1-channel CT
     """
-    model = inference.as_single_output(model)
-    shape = _input_shape(model)
-    if len(shape) != 4:
-        raise ValueError(
-            f"{_describe(model)} takes inputs of shape {shape}, not 2D slices (batch, H, W, C); "
-            "run a 3D model with sliding_window_predict or predict_volume."
-        )
+    model = _single_output_of_rank(model, 4)
     batch_size = _check_batch_size(batch_size)
     image = _check_image(image, None, model)
     k = _slices_per_input(model, image, slices)

@@ -106,8 +106,57 @@ class _StatelessDraws:
         return tf.random.stateless_normal(shape, self._next_seed())
 
 
+class JointAugmenter(keras.layers.Layer):
+    """What the image and volume augmenters share: seeded draws, the call protocol, serialization.
+
+    A subclass sets `spatial_rank` (2 or 3), `settings` (its arguments), `seed_generator` and
+    `moves` (whether any geometric transform is on) and defines `_move(images, masks, draws)`,
+    one resampling pass of images and float masks, and `_photometric(images, draws)`.
+    """
+
+    spatial_rank = 2
+    layout = "[B, H, W, C]"
+
+    def build(self, images_shape=None, masks_shape=None):
+        self.built = True
+
+    def _draws(self, seed):
+        """Where the random values come from: the seed generator, or stateless ops on `seed`."""
+        if seed is None:
+            return _GeneratorDraws(self.seed_generator)
+        seed = tf.cast(seed, tf.int64)
+        if self.settings["seed"] is not None:
+            seed = tf.random.experimental.stateless_fold_in(seed, self.settings["seed"])
+        return _StatelessDraws(seed)
+
+    def call(self, images, masks, training=True, seed=None):
+        if not training:
+            return images, masks
+        if len(images.shape) != self.spatial_rank + 2:
+            raise ValueError(
+                f"{type(self).__name__} takes image batches {self.layout}, got shape {tuple(images.shape)}; "
+                "use SegmentationAugmenter for 2D (and 2.5D) batches and VolumeAugmenter for volumes."
+            )
+        draws = self._draws(seed)
+        mask_dtype = masks.dtype
+        squeeze = len(masks.shape) == self.spatial_rank + 1
+        images = ops.cast(images, "float32")
+        masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
+        if self.moves:
+            images, masks = self._move(images, masks, draws)
+        images = self._photometric(images, draws)
+        masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
+        return images, masks
+
+    def compute_output_spec(self, images, masks, training=True, seed=None):
+        return keras.KerasTensor(images.shape, "float32"), keras.KerasTensor(masks.shape, masks.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings}
+
+
 @keras.saving.register_keras_serializable(package="unetpp_tf")
-class SegmentationAugmenter(keras.layers.Layer):
+class SegmentationAugmenter(JointAugmenter):
     """Random joint augmentation of an image batch and its mask batch.
 
     Call it as `images, masks = augmenter(images, masks, training=True)`; with
@@ -181,9 +230,6 @@ class SegmentationAugmenter(keras.layers.Layer):
         )
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.moves = flip or rotate90 or rotation or zoom or translation or elastic
-
-    def build(self, images_shape=None, masks_shape=None):
-        self.built = True
 
     def _sampling_map(self, images, draws):
         """Source pixel positions (rows, cols) [B, H, W] for all geometric transforms at once."""
@@ -262,36 +308,9 @@ class SegmentationAugmenter(keras.layers.Layer):
             images = ops.clip(images, *s["value_range"])
         return images
 
-    def _draws(self, seed):
-        """Where the random values come from: the seed generator, or stateless ops on `seed`."""
-        if seed is None:
-            return _GeneratorDraws(self.seed_generator)
-        seed = tf.cast(seed, tf.int64)
-        if self.settings["seed"] is not None:
-            seed = tf.random.experimental.stateless_fold_in(seed, self.settings["seed"])
-        return _StatelessDraws(seed)
-
-    def call(self, images, masks, training=True, seed=None):
-        if not training:
-            return images, masks
-        draws = self._draws(seed)
-        mask_dtype = masks.dtype
-        squeeze = len(masks.shape) == 3
-        images = ops.cast(images, "float32")
-        masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
-        if self.moves:
-            rows, cols = self._sampling_map(images, draws)
-            images = _sample(images, rows, cols, bilinear=True)
-            masks = _sample(masks, rows, cols, bilinear=False)
-        images = self._photometric(images, draws)
-        masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
-        return images, masks
-
-    def compute_output_spec(self, images, masks, training=True, seed=None):
-        return keras.KerasTensor(images.shape, "float32"), keras.KerasTensor(masks.shape, masks.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), **self.settings}
+    def _move(self, images, masks, draws):
+        rows, cols = self._sampling_map(images, draws)
+        return _sample(images, rows, cols, bilinear=True), _sample(masks, rows, cols, bilinear=False)
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from unetpp_tf.data.augment import _GeneratorDraws, _intensity_range, _reflect, _StatelessDraws
+from unetpp_tf.data.augment import JointAugmenter, _GeneratorDraws, _intensity_range, _reflect
 
 _AXES = (0, 1, 2)  # z, y, x of a [D, H, W] patch
 
@@ -51,7 +51,8 @@ def _sample3d(x, depth_index, rows, cols, *, bilinear: bool):
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
-class VolumeAugmenter(keras.layers.Layer):
+@keras.saving.register_keras_serializable(package="unetpp_tf")
+class VolumeAugmenter(JointAugmenter):
     """Random joint augmentation of a batch of volume patches and their label patches.
 
     Call it as `images, masks = augmenter(images, masks, training=True)` with images
@@ -87,6 +88,9 @@ class VolumeAugmenter(keras.layers.Layer):
         >>> trainer = AugmentedModel(model_3d, augmenter)
         >>> images, masks = augmenter(images, masks, training=True, seed=tf.constant([3, 7]))
     """
+
+    spatial_rank = 3
+    layout = "[B, D, H, W, C]"
 
     def __init__(
         self,
@@ -132,9 +136,6 @@ class VolumeAugmenter(keras.layers.Layer):
         if axes is None or any(a not in _AXES for a in axes):
             raise ValueError(f"flip must be True, False or a tuple of axes from (0, 1, 2) = (z, y, x), got {flip!r}.")
         return axes
-
-    def build(self, images_shape=None, masks_shape=None):
-        self.built = True
 
     def _sampling_map(self, images, draws):
         """(depth_index [B, D] int32, rows [B, H, W], cols [B, H, W]): where each output voxel comes from."""
@@ -199,40 +200,10 @@ class VolumeAugmenter(keras.layers.Layer):
             images = ops.clip(images, *s["value_range"])
         return images
 
-    def _draws(self, seed):
-        if seed is None:
-            return _GeneratorDraws(self.seed_generator)
-        seed = tf.cast(seed, tf.int64)
-        if self.settings["seed"] is not None:
-            seed = tf.random.experimental.stateless_fold_in(seed, self.settings["seed"])
-        return _StatelessDraws(seed)
-
-    def call(self, images, masks, training=True, seed=None):
-        if not training:
-            return images, masks
-        if len(images.shape) != 5:
-            raise ValueError(
-                f"VolumeAugmenter takes image batches [B, D, H, W, C], got shape {tuple(images.shape)}; "
-                "use SegmentationAugmenter for 2D (and 2.5D) batches."
-            )
-        draws = self._draws(seed)
-        mask_dtype = masks.dtype
-        squeeze = len(masks.shape) == 4
-        images = ops.cast(images, "float32")
-        masks = ops.cast(masks[..., None] if squeeze else masks, "float32")
-        if self.moves:
-            depth_index, rows, cols = self._sampling_map(images, draws)
-            images = _sample3d(images, depth_index, rows, cols, bilinear=True)
-            masks = _sample3d(masks, depth_index, rows, cols, bilinear=False)
-        images = self._photometric(images, draws)
-        masks = ops.cast(masks[..., 0] if squeeze else masks, mask_dtype)
-        return images, masks
-
-    def compute_output_spec(self, images, masks, training=True, seed=None):
-        return keras.KerasTensor(images.shape, "float32"), keras.KerasTensor(masks.shape, masks.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), **self.settings}
+    def _move(self, images, masks, draws):
+        depth_index, rows, cols = self._sampling_map(images, draws)
+        return (_sample3d(images, depth_index, rows, cols, bilinear=True),
+                _sample3d(masks, depth_index, rows, cols, bilinear=False))
 
 
 def _voxel_normal(draws, shape):
