@@ -97,11 +97,19 @@ def test_same_seed_same_patches_new_patches_each_epoch_and_fixed_validation():
     assert not np.array_equal(augmented[0][0][0], epochs[0][0][0])
 
 
+def test_a_scan_smaller_than_the_patch_is_refused_by_name_unless_padding_is_asked_for():
+    scans = _scans(count=3, shape=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"patch_size 5 x 8 x 8 is larger than 3 scan\(s\).*3 x 8 x 8 voxels.*"
+                                         r"e\.g\. 3 x 8 x 8"):
+        from_volumes(volumes=scans, patch_size=(5, 8, 8), window=None, split=(1 / 3, 1 / 3, 1 / 3))
+
+
 def test_a_scan_smaller_than_the_patch_is_padded_with_its_minimum_and_label_zero():
     scans = _scans(count=3, shape=(3, 8, 8))
     for scan in scans:
         scan.image += 5.0
-    data = from_volumes(volumes=scans, patch_size=(5, 8, 8), window=None, split=(1 / 3, 1 / 3, 1 / 3))
+    data = from_volumes(volumes=scans, patch_size=(5, 8, 8), window=None, split=(1 / 3, 1 / 3, 1 / 3),
+                        pad_small_scans=True)
     images, masks = _epoch(data.val)[0]
     minimum = data.volumes["val"][0].image.min()
     for image, mask in zip(images[..., 0], masks[..., 0]):

@@ -15,10 +15,10 @@ inside the scan, so the voxel is inside it but not always central. The other pat
 uniform. Validation and test patches are fixed: drawn the same way once, with a seed of their
 own (3d), or every slice of the scan, centre-cropped in-plane (2.5d/2d).
 
-A scan smaller than the patch along an axis is padded (image with the scan's minimum per
-channel, label with 0) rather than refused: thin scans with few slices are common, and a model
-sees such a scan whole, centred in padding, when predicting. Such a scan is placed at a random
-offset in the patch for training and centred for validation.
+A scan smaller than the patch along an axis is refused, naming every such scan and a patch
+that fits, unless `pad_small_scans=True`: then it is padded (image with the scan's minimum per
+channel, label with 0), placed at a random offset in the patch for training and centred for
+validation, as sliding-window inference sees it whole, centred in padding.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def from_volumes(
     seed: int = 0,
     augment: Callable | None = None,
     num_classes: int | None = None,
+    pad_small_scans: bool = False,
 ) -> SegmentationData:
     """Train/val/test patches from scans (NIfTI/DICOM files or `Volume`s), split scan by scan.
 
@@ -115,6 +116,8 @@ def from_volumes(
             (`AugmentedModel`). Defaults to None.
         num_classes: int or None. None infers it from the labels: 1 (sigmoid) when they are
             0/1, else the largest id + 1; given, every label must be below it. Defaults to None.
+        pad_small_scans: bool. Pad scans smaller than the patch instead of refusing them.
+            Defaults to False.
 
     Returns:
         SegmentationData: `image_size` is the patch (3 numbers in "3d", 2 otherwise),
@@ -141,6 +144,8 @@ def from_volumes(
         window_range(window)  # an unknown window fails here, before any scan is read
 
     parts, files, where = _load_parts(root, images, masks, volumes, splits, split, seed, spacing, window)
+    if not pad_small_scans:
+        _check_fits(parts, patch, mode)
     all_scans = [scan for name in SPLITS for scan in parts[name]]
     channels = _check_channels(all_scans)
     num_classes = _check_labels(all_scans, num_classes)
@@ -247,6 +252,23 @@ def _check_spacing(spacing):
             f"got {spacing!r}."
         )
     return values
+
+
+def _check_fits(parts: dict, patch: tuple, mode: str) -> None:
+    """Refuse scans smaller than the patch (after resampling), naming each one and a patch that fits."""
+    axes = slice(0, 3) if mode == "3d" else slice(1, 3)
+    scans = [scan for name in SPLITS for scan in parts[name]]
+    small = [scan for scan in scans if any(s < p for s, p in zip(scan.image.shape[axes], patch))]
+    if not small:
+        return
+    fits = tuple(min(p, *(scan.image.shape[axes][k] for scan in scans)) for k, p in enumerate(patch))
+    listed = "; ".join(f"{scan.name}: {' x '.join(map(str, scan.image.shape[:3]))} voxels" for scan in small[:10])
+    more = f" (and {len(small) - 10} more)" if len(small) > 10 else ""
+    raise ValueError(
+        f"patch_size {' x '.join(map(str, patch))} is larger than {len(small)} scan(s) (z x y x x, after "
+        f"resampling): {listed}{more}; use a patch no larger than every scan, e.g. {' x '.join(map(str, fits))} "
+        "(rounded down to what the model's pooling divides), a finer spacing, or pad_small_scans=True."
+    )
 
 
 def _check_channels(scans: list[Volume]) -> int:
