@@ -125,7 +125,7 @@ def pool_sizes_for(config: TrainConfig, data: SegmentationData) -> list | None:
         raise ValueError(
             f"--patch-size {' '.join(map(str, config.patch_size))} does not fit the model: at this spacing "
             f"({' x '.join(f'{s:g}' for s in training_spacing(data))} mm) depth {config.depth} pools "
-            f"{' x '.join(map(str, totals))}x along z, y, x; use e.g. --patch-size {fits}."
+            f"by {', '.join(map(str, totals))} along z, y, x; use e.g. --patch-size {fits}."
         )
     return pools
 
