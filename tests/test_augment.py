@@ -67,7 +67,7 @@ def test_seeded_draws_are_reproducible():
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="rotation must be >= 0"):
+    with pytest.raises(ValueError, match="rotation must be a number >= 0"):
         SegmentationAugmenter(rotation=-0.1)
     with pytest.raises(ValueError, match="blur is a probability"):
         SegmentationAugmenter(blur=2.0)

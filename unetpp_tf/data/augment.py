@@ -117,6 +117,16 @@ class JointAugmenter(keras.layers.Layer):
     spatial_rank = 2
     layout = "[B, H, W, C]"
 
+    def _keep(self, strengths: dict, **settings) -> None:
+        """Check the strengths (numbers >= 0), keep every setting for `get_config`, seed the draws."""
+        for key, value in strengths.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"augmentation {key} must be a number >= 0, got {value!r}.")
+        value_range = settings["value_range"]
+        settings["value_range"] = None if value_range is None else tuple(float(v) for v in value_range)
+        self.settings = {**settings, **strengths}
+        self.seed_generator = keras.random.SeedGenerator(settings["seed"])
+
     def build(self, images_shape=None, masks_shape=None):
         self.built = True
 
@@ -215,20 +225,13 @@ class SegmentationAugmenter(JointAugmenter):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for key, value in dict(
-            rotation=rotation, zoom=zoom, translation=translation, elastic=elastic, brightness=brightness,
-            contrast=contrast, gamma=gamma, noise=noise,
-        ).items():
-            if value < 0:
-                raise ValueError(f"augmentation {key} must be >= 0, got {value}.")
         if not 0.0 <= blur <= 1.0:
             raise ValueError(f"augmentation blur is a probability in [0, 1], got {blur}.")
-        self.settings = dict(
-            flip=flip, rotate90=rotate90, rotation=rotation, zoom=zoom, translation=translation,
-            elastic=elastic, brightness=brightness, contrast=contrast, gamma=gamma, noise=noise,
-            blur=blur, value_range=None if value_range is None else tuple(value_range), seed=seed,
+        self._keep(
+            dict(rotation=rotation, zoom=zoom, translation=translation, elastic=elastic, brightness=brightness,
+                 contrast=contrast, gamma=gamma, noise=noise),
+            flip=flip, rotate90=rotate90, blur=blur, value_range=value_range, seed=seed,
         )
-        self.seed_generator = keras.random.SeedGenerator(seed)
         self.moves = flip or rotate90 or rotation or zoom or translation or elastic
 
     def _sampling_map(self, images, draws):

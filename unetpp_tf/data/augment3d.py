@@ -107,19 +107,12 @@ class VolumeAugmenter(JointAugmenter):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for key, value in dict(
-            rotation=rotation, zoom=zoom, brightness=brightness, contrast=contrast, gamma=gamma, noise=noise
-        ).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"augmentation {key} must be a number >= 0, got {value!r}.")
+        self._keep(
+            dict(rotation=rotation, zoom=zoom, brightness=brightness, contrast=contrast, gamma=gamma, noise=noise),
+            flip=self._check_flip(flip), rotate90=bool(rotate90), value_range=value_range, seed=seed,
+        )
         if zoom >= 1:
             raise ValueError(f"augmentation zoom must be below 1 (a fraction of the size), got {zoom}.")
-        self.settings = dict(
-            flip=self._check_flip(flip), rotate90=bool(rotate90), rotation=float(rotation), zoom=float(zoom),
-            brightness=float(brightness), contrast=float(contrast), gamma=float(gamma), noise=float(noise),
-            value_range=None if value_range is None else tuple(float(v) for v in value_range), seed=seed,
-        )
-        self.seed_generator = keras.random.SeedGenerator(seed)
         s = self.settings
         self.moves = bool(s["flip"] or s["rotate90"] or s["rotation"] or s["zoom"])
 
