@@ -25,3 +25,10 @@ class FinalState(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.values = [np.array(v.numpy()) for v in [*self.model.variables, *self.model.optimizer.variables]]
+
+
+def assert_same_state(expected: list, got: list) -> None:
+    """Every variable of a resumed run equals the uninterrupted run's (FinalState values)."""
+    assert len(got) == len(expected) > 0
+    for want, value in zip(expected, got):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
