@@ -144,3 +144,18 @@ def test_scans_without_the_medical_extra_are_one_line_naming_the_install(scans, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert 'pip install "unetpp-tf[medical]"' in err
+
+
+def test_train_prints_a_class_missed_in_every_test_scan_without_failing(tmp_path, capsys, monkeypatch):
+    import unetpp_tf.training
+
+    run = tmp_path / "run"
+    run.mkdir()
+    missed = {"dice": 0.5, "iou": 0.49, "hd95": None, "assd": None, "classes": ["lung", "nodule"],
+              "per_class": {"dice": [0.99, 0.0], "iou": [0.98, 0.0], "hd95": [1.25, None], "assd": [0.2, None]}}
+    (run / "metrics.json").write_text(json.dumps({"test": missed}))
+    monkeypatch.setattr(unetpp_tf.training, "train", lambda config, **options: (run, {}))
+    assert main(["train", "--data", "synthetic-ct"]) == 0
+    out = capsys.readouterr().out
+    assert "lung: dice 0.9900, iou 0.9800, hd95 1.25 mm, assd 0.20 mm" in out
+    assert "nodule: dice 0.0000, iou 0.0000, hd95 undefined (missed or spurious in every scan)" in out

@@ -192,8 +192,13 @@ def _train(args) -> int:
         for i, name in enumerate(metrics["classes"]):
             each = {key: metrics["per_class"][key][i] for key in ("dice", "iou", "hd95", "assd")}
             print(f"  {name}: dice {each['dice']:.4f}, iou {each['iou']:.4f}, "
-                  f"hd95 {each['hd95']:.2f} mm, assd {each['assd']:.2f} mm")
+                  f"hd95 {_millimetres(each['hd95'])}, assd {_millimetres(each['assd'])}")
     return 0
+
+
+def _millimetres(distance) -> str:
+    """A surface distance for the terminal; None when no scan had one (the class missed or absent in each)."""
+    return "undefined (missed or spurious in every scan)" if distance is None else f"{distance:.2f} mm"
 
 
 def _run_dir(model_path: str) -> Path | None:
