@@ -69,6 +69,10 @@ def _score(run: Path, holdout: list) -> dict:
     return result["metrics"]
 
 
+def _mm(distance) -> str:
+    return "-" if distance is None else f"{distance:.2f}"  # None: nodules missed in every scan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routes", nargs="+", default=["2.5d", "3d"], choices=("2.5d", "3d", "2d"))
@@ -101,7 +105,7 @@ def main() -> None:
                 hd95, assd = held["per_class"]["hd95"][1], held["per_class"]["assd"][1]
                 rows.setdefault(route, []).append((dice[0], dice[1], wall))
                 print(f"{route:<6}{scans:>6}{seed:>5}{wall:>8.0f}{test[0]:>10.3f}{test[1]:>9.3f}"
-                      f"{dice[0]:>7.3f}{dice[1]:>8.3f}{hd95:>9.2f}{assd:>9.2f}", flush=True)
+                      f"{dice[0]:>7.3f}{dice[1]:>8.3f}{_mm(hd95):>9}{_mm(assd):>9}", flush=True)
     for route, values in rows.items():
         lung, nodule, wall = np.mean(values, axis=0)
         print(f"mean {route}: held-out lung Dice {lung:.3f}, nodule Dice {nodule:.3f}, wall {wall:.0f} s "
