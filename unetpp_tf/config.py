@@ -28,15 +28,16 @@ SYNTHETIC_CT = "synthetic-ct"
 # Scans train on patches (3d) or on slices with their neighbours as channels (2.5d, 2d = one slice);
 # `benchmarks/ct_recipe.py` measures the volume recipes.
 IMAGE_RECIPE = dict(
-    batch_size=8, epochs=10, num_samples=512, image_size=(96, 96), depth=4, filters=16, patches_per_volume=8
+    batch_size=8, epochs=10, num_samples=512, image_size=(96, 96), depth=4, filters=16, patches_per_volume=8,
+    foreground_share=0.33,
 )
 VOLUME_RECIPES = {
     "3d": dict(batch_size=2, epochs=24, num_samples=16, patch_size=(32, 64, 64), depth=3, filters=8,
-               patches_per_volume=8),
+               patches_per_volume=8, foreground_share=0.5),
     "2.5d": dict(batch_size=8, epochs=24, num_samples=16, patch_size=(96, 96), depth=4, filters=16,
-                 patches_per_volume=32),
+                 patches_per_volume=32, foreground_share=0.33),
     "2d": dict(batch_size=8, epochs=24, num_samples=16, patch_size=(96, 96), depth=4, filters=16,
-               patches_per_volume=32),
+               patches_per_volume=32, foreground_share=0.33),
 }
 
 DEEPLAB_OUTPUT_STRIDE = 16  # DeepLabV3+'s deepest map is at 1/16 of the input (build_deeplabv3plus's default)
@@ -98,7 +99,7 @@ class TrainConfig:
     slices: int = 5
     spacing: tuple | None = None
     window: str | tuple = "lung"
-    foreground_share: float = 0.33
+    foreground_share: float | None = None
     patches_per_volume: int | None = None
     # model
     arch: str = "unetpp"
