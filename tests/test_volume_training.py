@@ -159,3 +159,17 @@ def test_train_prints_a_class_missed_in_every_test_scan_without_failing(tmp_path
     out = capsys.readouterr().out
     assert "lung: dice 0.9900, iou 0.9800, hd95 1.25 mm, assd 0.20 mm" in out
     assert "nodule: dice 0.0000, iou 0.0000, hd95 undefined (missed or spurious in every scan)" in out
+
+
+def test_scan_augmenter_fits_the_route_the_patch_and_the_window():
+    from unetpp_tf.data import SegmentationAugmenter, VolumeAugmenter
+    from unetpp_tf.volume_training import scan_augmenter
+
+    cube = scan_augmenter(TrainConfig(data="synthetic-ct"))
+    assert isinstance(cube, VolumeAugmenter) and cube.settings["rotate90"]
+    assert cube.settings["value_range"] == (0.0, 1.0)  # windowed CT lies in 0..1
+    assert not scan_augmenter(TrainConfig(data="synthetic-ct", patch_size=(16, 32, 48))).settings["rotate90"]
+    slabs = scan_augmenter(TrainConfig(data="synthetic-ct", volume_mode="2.5d", window="zscore"))
+    assert isinstance(slabs, SegmentationAugmenter) and slabs.settings["value_range"] is None  # z-scores: no clip
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['elastic'\] for VolumeAugmenter"):
+        scan_augmenter(TrainConfig(data="synthetic-ct", augmentation={"elastic": 1.0}))

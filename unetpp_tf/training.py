@@ -117,13 +117,13 @@ class TrainingDiverged(FloatingPointError):
 
 
 def make_augmenter(config: TrainConfig) -> keras.layers.Layer:
-    """The augmenter a configuration describes, seeded with the run's seed (3D patches: a `VolumeAugmenter`).
+    """The augmenter a configuration describes, seeded with the run's seed (scans: `scan_augmenter`).
 
     Example:
         >>> make_augmenter(TrainConfig(augmentation={"rotation": 0.1, "zoom": 0.1}))
     """
-    if config.volumetric:
-        return volume_training.volume_augmenter(config)
+    if config.on_scans:
+        return volume_training.scan_augmenter(config)
     valid = [name for name in inspect.signature(SegmentationAugmenter).parameters if name not in ("seed", "kwargs")]
     unknown = sorted(set(config.augmentation) - set(valid))
     if unknown:

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from unetpp_tf.config import SYNTHETIC_CT, TrainConfig
+from unetpp_tf.data.augment import SegmentationAugmenter
 from unetpp_tf.data.augment3d import VolumeAugmenter
 from unetpp_tf.data.pipeline import SegmentationData
 from unetpp_tf.data.synthetic_ct import CLASSES, write_synthetic_ct
-from unetpp_tf.evaluation import evaluate_volumes, write_per_image_csv
 from unetpp_tf.data.volume_pipeline import from_volumes
+from unetpp_tf.evaluation import evaluate_volumes, write_per_image_csv
 from unetpp_tf.models import pool_sizes_for_spacing
 
 SCANS_CSV = "test_scans.csv"
@@ -40,26 +41,28 @@ def synthetic_ct_folder(num_scans: int, seed: int) -> Path:
     Example:
         >>> root = synthetic_ct_folder(16, seed=0)
         >>> sorted(p.name for p in root.iterdir())
-        ['images', 'masks']
+        ['images', 'masks', 'synthetic_ct.json']
     """
     home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
     root = home / "datasets" / f"unetpp_tf_synthetic_ct_{num_scans}_seed{seed}"
     return write_synthetic_ct(root, num_scans, seed=seed)  # writes nothing when the files are there
 
 
-def volume_augmenter(config: TrainConfig) -> VolumeAugmenter:
-    """The 3D augmenter a configuration describes (its `augmentation` settings), seeded with the run's seed.
+def scan_augmenter(config: TrainConfig):
+    """The augmenter of a run on scans: a `VolumeAugmenter` for 3D patches, else a `SegmentationAugmenter`.
 
-    90-degree turns need a square in-plane patch: with another patch they are left out, and the
-    log says so. With `window="zscore"` the patches have no fixed range, so none is clipped to.
+    Its settings are the run's `augmentation`, seeded with the run's seed. 90-degree turns need
+    a square in-plane patch: with another patch they are left out, and the log says so. With
+    `window="zscore"` the intensities have no fixed range, so none is clipped to.
 
     Example:
-        >>> volume_augmenter(TrainConfig(data="synthetic-ct", augmentation={"flip": True}))
+        >>> scan_augmenter(TrainConfig(data="synthetic-ct", augmentation={"flip": True}))
     """
-    valid = [name for name in inspect.signature(VolumeAugmenter).parameters if name not in ("seed", "kwargs")]
+    kind = VolumeAugmenter if config.volumetric else SegmentationAugmenter
+    valid = [name for name in inspect.signature(kind).parameters if name not in ("seed", "kwargs")]
     unknown = sorted(set(config.augmentation) - set(valid))
     if unknown:
-        raise ValueError(f"augmentation: unknown setting(s) {unknown} for 3D patches; valid settings are {valid}.")
+        raise ValueError(f"augmentation: unknown setting(s) {unknown} for {kind.__name__}; valid settings are {valid}.")
     settings = dict(config.augmentation)
     height, width = config.patch_size[-2:]
     if settings.get("rotate90", True) and height != width:
@@ -68,7 +71,7 @@ def volume_augmenter(config: TrainConfig) -> VolumeAugmenter:
         settings["rotate90"] = False
     if config.window == "zscore":
         settings.setdefault("value_range", None)
-    return VolumeAugmenter(**settings, seed=config.seed)
+    return kind(**settings, seed=config.seed)
 
 
 def load_scans(config: TrainConfig, splits: dict | None = None, augment=None) -> SegmentationData:
