@@ -4,15 +4,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import pydicom.data
 import pytest
 
-nib = pytest.importorskip("nibabel")
-pydicom = pytest.importorskip("pydicom")
-pytest.importorskip("scipy")
-import pydicom.data  # noqa: E402
-
-from unetpp_tf.data.medical_io import (  # noqa: E402
+from unetpp_tf.data.medical_io import (
     canonical_transform,
     is_scan_folder,
     read_scan,
@@ -20,7 +18,7 @@ from unetpp_tf.data.medical_io import (  # noqa: E402
     scan_pairs,
     write_scan,
 )
-from unetpp_tf.data.volumes import resample  # noqa: E402
+from unetpp_tf.data.volumes import resample
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 CT_SMALL = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
@@ -29,15 +27,13 @@ DICOM_SERIES = CT_SMALL.parent / "dicomdirtests"
 
 def nibabel_file(name):
     path = NIBABEL_DATA / name
-    if not path.is_file():
-        pytest.skip(f"this nibabel install ships no test data ({name})")
+    assert path.is_file(), f"nibabel's wheel ships {name} in nibabel/tests/data; reinstall nibabel from PyPI"
     return path
 
 
 def dicom_folder(*parts):
     path = DICOM_SERIES.joinpath(*parts)
-    if not path.is_dir():
-        pytest.skip(f"this pydicom install ships no {'/'.join(parts)} series")
+    assert path.is_dir(), f"pydicom's wheel ships the {'/'.join(parts)} series in its test files; reinstall pydicom"
     return path
 
 

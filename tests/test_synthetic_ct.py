@@ -2,14 +2,13 @@
 
 import importlib
 
+import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
-nib = pytest.importorskip("nibabel")
-ndimage = pytest.importorskip("scipy.ndimage")
-
-from unetpp_tf.data.medical_io import read_scan_pair, scan_pairs  # noqa: E402
-from unetpp_tf.data.synthetic_ct import synthetic_ct, synthetic_scan, write_synthetic_ct  # noqa: E402
+from unetpp_tf.data.medical_io import read_scan_pair, scan_pairs
+from unetpp_tf.data.synthetic_ct import synthetic_ct, synthetic_scan, write_synthetic_ct
 
 SMALL = dict(shape=(24, 64, 64), spacing=(2.5, 1.25, 1.25))
 

@@ -3,7 +3,9 @@
 import itertools
 
 import keras
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 
 from unetpp_tf import volume_inference as vi
@@ -208,8 +210,6 @@ def identity3d():
 
 
 def test_predict_scans_writes_masks_on_the_source_geometry(tmp_path, rng):
-    nib = pytest.importorskip("nibabel")
-    pytest.importorskip("unetpp_tf.data.medical_io")
     data = rng.uniform(-1000, 0, size=(9, 7, 6)).astype(np.float32)  # file axes (i, j, k)
     affine = np.array([[-0.8, 0, 0, 90.0], [0, 0, 2.5, -40.0], [0, 0.7, 0, 12.0], [0, 0, 0, 1]])  # not canonical
     source = tmp_path / "patient1.nii.gz"
@@ -224,8 +224,6 @@ def test_predict_scans_writes_masks_on_the_source_geometry(tmp_path, rng):
 
 
 def test_predict_scans_runs_2d_models_slice_by_slice_on_a_dataset_folder(tmp_path, rng):
-    nib = pytest.importorskip("nibabel")
-    pytest.importorskip("unetpp_tf.data.medical_io")
     (tmp_path / "ct" / "images").mkdir(parents=True)
     affine = np.diag([0.9, 0.9, 3.0, 1.0])
     for name in ("a", "b"):
@@ -244,8 +242,6 @@ def test_predict_scans_runs_2d_models_slice_by_slice_on_a_dataset_folder(tmp_pat
 
 
 def test_predict_scans_names_every_bad_input_at_once(tmp_path):
-    pytest.importorskip("unetpp_tf.data.medical_io")
-    pydicom = pytest.importorskip("pydicom")
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"\x89PNG")
     broken = tmp_path / "broken.nii.gz"

@@ -1,5 +1,6 @@
 """from_volumes: patches and 2.5D slabs cut from whole scans, foreground sampling, seeds, grouped splits, files."""
 
+import nibabel
 import numpy as np
 import pytest
 
@@ -182,7 +183,6 @@ def test_bad_scans_are_named():
 
 
 def test_files_are_read_resampled_windowed_and_recorded_per_split(tmp_path):
-    nibabel = pytest.importorskip("nibabel")
     rng = np.random.default_rng(0)
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()

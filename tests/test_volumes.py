@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("scipy")
-
-from unetpp_tf.data.volumes import WINDOWS, Volume, apply_window, resample  # noqa: E402
+from unetpp_tf.data.volumes import WINDOWS, Volume, apply_window, resample
 
 
 def ramp_volume(shape=(10, 12, 14), spacing=(2.5, 1.0, 1.0)):
