@@ -113,12 +113,15 @@ def pair_files(img_dir: Path, mask_dir: Path) -> tuple[list[Pair], list[tuple[st
     return pairs, problems
 
 
-def recorded_parts(splits: Mapping) -> dict[str, list[Pair]]:
+def recorded_parts(splits: Mapping, *, folders: bool = False) -> dict[str, list[Pair]]:
     """{split: [(image, mask)]} from recorded file lists; files that no longer exist raise one error.
+
+    An image listed in two splits (with any mask) is refused: the splits would overlap.
 
     Args:
         splits: dict. {"train"|"val"|"test": [(image, mask), ...]}, e.g. a run's splits.json;
             other keys are ignored.
+        folders: bool. Entries may be folders (scans stored as DICOM series). Defaults to False.
 
     Example:
         >>> recorded_parts({"train": [("i/a.png", "m/a.png")]})["train"]
@@ -136,13 +139,16 @@ def recorded_parts(splits: Mapping) -> dict[str, list[Pair]]:
             if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
                 raise ValueError(f"splits[{name!r}] holds {entry!r}; each entry must be an (image, mask) path pair.")
             pair = (Path(entry[0]), Path(entry[1]))
-            if pair in seen:
-                raise ValueError(f"{pair[0]} is listed in both the {seen[pair]} and the {name} split; keep it in one.")
-            seen[pair] = name
+            if pair[0] in seen:
+                raise ValueError(
+                    f"{pair[0]} is listed in both the {seen[pair[0]]} and the {name} split; keep it in one."
+                )
+            seen[pair[0]] = name
             parts[name].append(pair)
     if not seen:
         raise ValueError("splits lists no (image, mask) pairs; pass a recorded split with files in it.")
-    missing = [str(path) for pair in seen for path in pair if not path.is_file()]
+    present = Path.exists if folders else Path.is_file
+    missing = [str(path) for name in SPLITS for pair in parts[name] for path in pair if not present(path)]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} file(s) of the recorded split no longer exist: {describe(missing)}; the run's "

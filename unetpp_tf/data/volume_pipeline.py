@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +32,7 @@ import tensorflow as tf
 from unetpp_tf.data import medical_io
 from unetpp_tf.data.checks import describe
 from unetpp_tf.data.masks import check_num_classes, classes_from_max_id, max_class_id
+from unetpp_tf.data.pairing import recorded_parts
 from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices
 from unetpp_tf.data.volumes import Volume, apply_window, resample, window_range
 
@@ -314,7 +314,7 @@ def _load_parts(root, images, masks, volumes, splits, split, seed, spacing, wind
         return parts, {}, "memory"
 
     if splits is not None:
-        pairs = _recorded_pairs(splits)
+        pairs = recorded_parts(splits, folders=True)
         where = "recorded splits"
     else:
         if root is None and images is None:
@@ -330,37 +330,6 @@ def _load_parts(root, images, masks, volumes, splits, split, seed, spacing, wind
     }
     files = {name: [(str(image), str(label)) for image, label in pairs[name]] for name in SPLITS}
     return parts, files, where
-
-
-def _recorded_pairs(splits) -> dict:
-    """{split: [(image, label) Path]} from a recorded `data.files`; scans may be files or DICOM folders."""
-    if not isinstance(splits, Mapping) or not any(name in splits for name in SPLITS):
-        raise ValueError(
-            f"splits must be a dict {{'train'|'val'|'test': [(image, label), ...]}} such as a run's data.files, "
-            f"got {type(splits).__name__}."
-        )
-    pairs, seen = {}, {}
-    for name in SPLITS:
-        pairs[name] = []
-        for entry in splits.get(name) or ():
-            if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                raise ValueError(f"splits[{name!r}] holds {entry!r}; each entry must be an (image, label) path pair.")
-            pair = (Path(entry[0]), Path(entry[1]))
-            if pair[0] in seen:
-                raise ValueError(
-                    f"scan {pair[0]} is listed in both the {seen[pair[0]]} and the {name} split; keep it in one."
-                )
-            seen[pair[0]] = name
-            pairs[name].append(pair)
-    if not seen:
-        raise ValueError("splits lists no (image, label) pairs; pass a recorded split with scans in it.")
-    missing = [str(path) for name in SPLITS for pair in pairs[name] for path in pair if not path.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} scan file(s) of the recorded split no longer exist: {describe(missing)}; restore them, "
-            "or split the folder anew (no splits=)."
-        )
-    return pairs
 
 
 def _split_scans(count: int, split, seed: int) -> dict:
