@@ -20,6 +20,7 @@ from unetpp_tf.models import (
     with_recompute,
 )
 from unetpp_tf.models.layers import FusedBatchNormalization, FusedDropout
+from test_nested_model import _gradients  # the same gradient step as the 2D recompute test
 
 PAPER = dict(depth=4, filters=32, batch_norm=False, dropout=0.5, l2=1e-4, upsampling="transpose")
 
@@ -195,23 +196,13 @@ def test_recompute_gradients_equal_the_plain_model_in_3d(volume_ds, rng):
     state = [v.numpy() for v in plain.variables]
     seeds = [layer.seed_generator.state.numpy() for layer in plain.layers if isinstance(layer, keras.layers.Dropout)]
 
-    def gradients(model):
-        @tf.function
-        def step(images):
-            with tf.GradientTape() as tape:
-                loss = sum(tf.reduce_sum(tf.square(out - 0.3)) for out in model(images, training=True))
-            return loss, tape.gradient(loss, model.trainable_variables)
-
-        loss, grads = step(x)
-        return float(loss), [g.numpy() for g in grads], [v.numpy() for v in model.non_trainable_variables]
-
-    loss, grads, moving = gradients(plain)
+    loss, grads, moving = _gradients(plain, x)
     for variable, value in zip(plain.variables, state):
         variable.assign(value)
     dropouts = [layer for layer in plain.layers if isinstance(layer, keras.layers.Dropout)]
     for layer, seed in zip(dropouts, seeds):
         layer.seed_generator.state.assign(seed)
-    loss_r, grads_r, moving_r = gradients(recomputed)
+    loss_r, grads_r, moving_r = _gradients(recomputed, x)
     assert loss_r == pytest.approx(loss, rel=1e-6)
     scale = max(np.abs(g).max() for g in grads)
     for g, g_r in zip(grads, grads_r):
