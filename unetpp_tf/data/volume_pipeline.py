@@ -34,7 +34,7 @@ from unetpp_tf.data.checks import describe
 from unetpp_tf.data.masks import check_num_classes, classes_from_max_id, max_class_id
 from unetpp_tf.data.pairing import recorded_parts
 from unetpp_tf.data.pipeline import SPLITS, SegmentationData, finalize, split_indices
-from unetpp_tf.data.volumes import Volume, apply_window, resample, window_range
+from unetpp_tf.data.volumes import Volume, apply_window, check_spacing, resample, window_range
 
 AUTOTUNE = tf.data.AUTOTUNE
 MODES = ("3d", "2.5d", "2d")
@@ -139,7 +139,7 @@ def from_volumes(
         per_volume = _positive(patches_per_volume, "patches_per_volume")
     _positive(batch_size, "batch_size")
     num_classes = check_num_classes(num_classes)
-    spacing = _check_spacing(spacing)
+    spacing = None if spacing is None else check_spacing(spacing)
     if window is not None:
         window_range(window)  # an unknown window fails here, before any scan is read
 
@@ -233,25 +233,6 @@ def _positive(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
-
-
-def _check_spacing(spacing):
-    """None, one number (isotropic) or (z, y, x) where None keeps that axis of each scan."""
-    if spacing is None:
-        return None
-    number = isinstance(spacing, (int, float, np.number)) and not isinstance(spacing, bool)
-    values = (spacing,) * 3 if number else spacing
-    try:
-        values = tuple(None if v is None else float(v) for v in values)
-        ok = len(values) == 3 and all(v is None or (np.isfinite(v) and v > 0) for v in values)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"spacing must be a positive voxel size in mm or three (z, y, x), where None keeps an axis; "
-            f"got {spacing!r}."
-        )
-    return values
 
 
 def _check_fits(parts: dict, patch: tuple, mode: str) -> None:

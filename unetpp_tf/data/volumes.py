@@ -112,22 +112,33 @@ def apply_window(image, window) -> np.ndarray:
     return ((np.clip(image, low, high) - low) / (high - low)).astype(np.float32)
 
 
-def _check_spacing(spacing, current) -> tuple[float, float, float]:
-    """Target spacing (z, y, x) from a number, or 3 numbers where None keeps the current one."""
+def check_spacing(spacing, current=None) -> tuple:
+    """Target spacing (z, y, x) in mm from one number (isotropic) or three, where None keeps an axis.
+
+    Args:
+        spacing: number or sequence of 3 numbers or None entries.
+        current: tuple or None. A scan's own spacing, filled in for None entries; None leaves
+            them None (checked before any scan is read). Defaults to None.
+
+    Example:
+        >>> check_spacing((None, 1, 1), current=(2.5, 0.7, 0.7))
+        (2.5, 1.0, 1.0)
+    """
     number = isinstance(spacing, (int, float, np.number)) and not isinstance(spacing, bool)
-    values = [spacing] * 3 if number else spacing
+    values = (spacing,) * 3 if number else spacing
     try:
-        values = list(values)
-        out = tuple(float(c) if v is None else float(v) for v, c in zip(values, current))
-        ok = len(values) == 3 and all(np.isfinite(v) and v > 0 for v in out)
+        values = tuple(None if v is None else float(v) for v in values)
+        ok = len(values) == 3 and all(v is None or (np.isfinite(v) and v > 0) for v in values)
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise ValueError(
-            f"spacing must be a positive number or 3 positive numbers (z, y, x) in mm (None keeps an axis), "
+            f"spacing must be a positive voxel size in mm or three (z, y, x), where None keeps an axis; "
             f"got {spacing!r}."
         )
-    return out
+    if current is None:
+        return values
+    return tuple(float(c) if v is None else v for v, c in zip(values, current))
 
 
 def map_to_grid(array, source_affine, target_affine, target_shape, order: int) -> np.ndarray:
@@ -195,7 +206,7 @@ def resample(volume: Volume, spacing) -> Volume:
         (2.5, 1.0, 1.0)
     """
     current = tuple(float(s) for s in volume.spacing)
-    target = _check_spacing(spacing, current)
+    target = check_spacing(spacing, current)
     if np.allclose(target, current, rtol=1e-6, atol=0):
         return volume
     old_shape = volume.image.shape[:3]
