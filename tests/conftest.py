@@ -1,4 +1,10 @@
-"""Shared helpers: tiny models and seeded inputs keep the suite fast."""
+"""Shared helpers: tiny models and seeded inputs keep the suite fast.
+
+The suite runs on the Keras backend KERAS_BACKEND names (TensorFlow by default). On any other
+backend only the tests marked `backend_independent` are collected; the others are deselected
+(listed in the summary line), as they exercise TensorFlow itself (tf.data, GradientTape,
+TFLite, SavedModel).
+"""
 
 import os
 
@@ -11,6 +17,17 @@ import pytest  # noqa: E402
 import unetpp_tf  # noqa: E402
 
 TINY = dict(depth=2, filters=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep only the backend-independent tests when Keras runs on a backend other than TensorFlow."""
+    if keras.backend.backend() == "tensorflow":
+        return
+    kept = [item for item in items if item.get_closest_marker("backend_independent")]
+    dropped = [item for item in items if not item.get_closest_marker("backend_independent")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture
