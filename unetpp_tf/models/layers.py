@@ -4,14 +4,17 @@ UNet++ runs 2 normalizations and 2 dropouts per node on full-resolution tensors,
 elementwise layers cost a large share of a training step. Keras 3 computes both from
 generic ops: BatchNormalization as about ten elementwise ops forward and more backward,
 and Dropout as a random draw, a compare, a multiply and a select, keeping the mask for the
-backward pass. On the TensorFlow backend these subclasses use one kernel each way instead:
+backward pass. These subclasses use one kernel each way instead:
 
 - `FusedBatchNormalization`: TensorFlow's fused batch-norm op (oneDNN on CPU, cuDNN on GPU).
-- `FusedDropout`: an XLA-compiled kernel that draws a counter-based hash mask and applies it in
-  the same loop; the gradient regenerates the mask from the seed, so no mask is stored.
+  TensorFlow only: on other backends it computes Keras' BatchNormalization (the same values;
+  under JAX, XLA fuses those ops itself), which it logs once.
+- `FusedDropout`: a counter-based hash mask applied in one loop (an XLA-compiled kernel on
+  TensorFlow, jax.numpy under `jax.custom_vjp` on JAX); the gradient regenerates the mask
+  from the seed, so no mask is stored. Both backends draw the same mask for the same seed.
 
-Both keep Keras' variables, configuration and results, and fall back to the Keras code on
-other backends and for the options the fast path does not cover.
+Both keep Keras' variables, configuration and results, and fall back to the Keras code for
+the options the fast path does not cover (and, for dropout, on backends other than these two).
 
 The decoder's concatenations get the same treatment on every backend: `ConcatConv2D` is a
 `Conv2D` over the concatenation of its inputs (the same single kernel, so the same weights and
@@ -25,14 +28,29 @@ integer factor per axis, from slices, sums and rank <= 4 reshapes (TFLite builti
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import keras
-import tensorflow as tf
+import numpy as np
+
+logger = logging.getLogger(__name__)
 
 _UINT32 = 2**32
+_GOLDEN = 0x9E3779B9  # added to the first seed word before hashing
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # Wellons' lowbias32
+_logged = set()
 
 
 def _on_tensorflow() -> bool:
     return keras.backend.backend() == "tensorflow"
+
+
+def _log_once(key: str, message: str) -> None:
+    """Log `message` the first time `key` is seen in this process."""
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
@@ -51,9 +69,15 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def _fusable(self, inputs, mask) -> bool:
+        if not _on_tensorflow():
+            _log_once(
+                "batchnorm",
+                f"FusedBatchNormalization: TensorFlow's fused kernel is not available on the "
+                f"{keras.backend.backend()} backend; computing Keras' BatchNormalization (the same values).",
+            )
+            return False
         return (
-            _on_tensorflow()
-            and mask is None
+            mask is None
             and not self.renorm
             and not self.synchronized
             and len(inputs.shape) in (4, 5)
@@ -63,6 +87,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
         x = tf.convert_to_tensor(inputs)
         if x.dtype not in (tf.float32, tf.bfloat16, tf.float16):
             x = tf.cast(x, tf.float32)
@@ -90,27 +116,102 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return tf.cast(y, self.compute_dtype)
 
 
-def _lowbias32(h):
-    """A 32-bit integer hash with low bias (Wellons' `lowbias32` constants)."""
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16)) * tf.constant(0x7FEB352D, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 15)) * tf.constant(0x846CA68B, tf.uint32)
+def _lowbias32_tf(h):
+    """A 32-bit integer hash with low bias (Wellons' `lowbias32` constants), on uint32 tf tensors."""
+    import tensorflow as tf
+
+    for shift, multiplier in zip((16, 15), _MULTIPLIERS):
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, shift)) * tf.constant(multiplier, tf.uint32)
     return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
 
 
-@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-def _apply_hash_mask(x, keys, threshold, scale):
-    """x * scale where hash(index, keys) >= threshold, else 0; one fused loop under XLA."""
-    index = tf.cast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), tf.uint32)
-    bits = _lowbias32(_lowbias32(tf.bitwise.bitwise_xor(index, keys[0])) + keys[1])
-    return tf.where(bits >= threshold, x * tf.cast(scale, x.dtype), tf.zeros_like(x))
+def _lowbias32_jax(h):
+    """`_lowbias32_tf` on uint32 jax arrays (unsigned shifts, products wrap modulo 2**32)."""
+    import jax.numpy as jnp
+
+    for shift, multiplier in zip((16, 15), _MULTIPLIERS):
+        h = (h ^ (h >> shift)) * jnp.uint32(multiplier)
+    return h ^ (h >> 16)
+
+
+@functools.cache
+def _tf_mask_kernel():
+    """The XLA-compiled TensorFlow kernel: x * scale where hash(index, keys) >= threshold, else 0."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+    def apply(x, keys, threshold, scale):
+        index = tf.cast(tf.reshape(tf.range(tf.size(x)), tf.shape(x)), tf.uint32)
+        bits = _lowbias32_tf(_lowbias32_tf(tf.bitwise.bitwise_xor(index, keys[0])) + keys[1])
+        return tf.where(bits >= threshold, x * tf.cast(scale, x.dtype), tf.zeros_like(x))
+
+    return apply
+
+
+def _hash_dropout_tf(x, threshold: int, scale: float, seed):
+    import tensorflow as tf
+
+    apply = _tf_mask_kernel()
+    x = tf.convert_to_tensor(x)
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    words = tf.cast(tf.bitwise.bitwise_and(seed, _UINT32 - 1), tf.uint32)
+    first = _lowbias32_tf(words[0] + tf.constant(_GOLDEN, tf.uint32))
+    keys = tf.stack([first, _lowbias32_tf(tf.bitwise.bitwise_xor(words[1], first))])
+    threshold = tf.constant(threshold, tf.uint32)
+    scale = tf.constant(scale, tf.float32)
+
+    @tf.custom_gradient
+    def dropout(inputs):
+        def grad(upstream):
+            return apply(upstream, keys, threshold, scale)
+
+        return apply(inputs, keys, threshold, scale), grad
+
+    return dropout(x)
+
+
+@functools.cache
+def _jax_dropout(threshold: int, scale: float):
+    """The JAX form of the TensorFlow kernel, a `jax.custom_vjp` whose backward pass rebuilds the mask."""
+    import jax
+    import jax.numpy as jnp
+
+    def apply(x, keys):
+        index = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+        bits = _lowbias32_jax(_lowbias32_jax(index ^ keys[0]) + keys[1])
+        return jnp.where(bits >= jnp.uint32(threshold), x * jnp.asarray(scale, jnp.float32).astype(x.dtype), 0)
+
+    @jax.custom_vjp
+    def dropout(x, keys):
+        return apply(x, keys)
+
+    def forward(x, keys):
+        return apply(x, keys), keys
+
+    def backward(keys, upstream):
+        return apply(upstream, keys), np.zeros(keys.shape, jax.dtypes.float0)
+
+    dropout.defvjp(forward, backward)
+    return dropout
+
+
+def _hash_dropout_jax(x, threshold: int, scale: float, seed):
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    words = jnp.asarray(seed).astype(jnp.uint32)  # two's complement, as the TensorFlow path's mask to 32 bits
+    first = _lowbias32_jax(words[0] + jnp.uint32(_GOLDEN))
+    keys = jnp.stack([first, _lowbias32_jax(words[1] ^ first)])
+    return _jax_dropout(threshold, scale)(x, keys)
 
 
 def hash_dropout(x, rate: float, seed):
     """Inverted dropout of `x` at `rate` with a mask that is a pure function of `seed`.
 
     Element k is kept when a hash of (k, seed) lands above `rate` of the 32-bit range, and
-    kept values are scaled by 1 / (1 - rate). The same seed gives the same mask, which the
-    gradient uses to regenerate the mask instead of storing it.
+    kept values are scaled by 1 / (1 - rate). The same seed gives the same mask, on the
+    TensorFlow and the JAX backend alike, and the gradient regenerates the mask instead of
+    storing it.
 
     Args:
         x: float tensor.
@@ -118,37 +219,32 @@ def hash_dropout(x, rate: float, seed):
         seed: integer tensor of shape (2,), e.g. `keras.random.SeedGenerator().next()`.
 
     Example:
-        >>> y = hash_dropout(tf.ones((4, 8, 8, 2)), 0.5, tf.constant([1, 2]))
-        >>> sorted(set(y.numpy().ravel().tolist()))
+        >>> y = hash_dropout(np.ones((4, 8, 8, 2), "float32"), 0.5, np.array([1, 2]))
+        >>> sorted(set(np.asarray(y).ravel().tolist()))
         [0.0, 2.0]
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-    x = tf.convert_to_tensor(x)
-    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-    words = tf.cast(tf.bitwise.bitwise_and(seed, _UINT32 - 1), tf.uint32)
-    first = _lowbias32(words[0] + tf.constant(0x9E3779B9, tf.uint32))
-    keys = tf.stack([first, _lowbias32(tf.bitwise.bitwise_xor(words[1], first))])
-    threshold = tf.constant(min(int(round(rate * _UINT32)), _UINT32 - 1), tf.uint32)
-    scale = tf.constant(1.0 / (1.0 - rate), tf.float32)
-
-    @tf.custom_gradient
-    def dropout(inputs):
-        def grad(upstream):
-            return _apply_hash_mask(upstream, keys, threshold, scale)
-
-        return _apply_hash_mask(inputs, keys, threshold, scale), grad
-
-    return dropout(x)
+    threshold = min(int(round(rate * _UINT32)), _UINT32 - 1)
+    scale = 1.0 / (1.0 - rate)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _hash_dropout_tf(x, threshold, scale, seed)
+    if backend == "jax":
+        return _hash_dropout_jax(x, threshold, scale, seed)
+    raise ValueError(
+        f"hash_dropout runs on the TensorFlow and JAX backends, not {backend!r}; use keras.random.dropout there."
+    )
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
 class FusedDropout(keras.layers.Dropout):
-    """`keras.layers.Dropout` with a one-pass hash mask on the TensorFlow backend.
+    """`keras.layers.Dropout` with a one-pass hash mask on the TensorFlow and JAX backends.
 
     Each training call draws a new seed from the layer's seed generator and applies
-    `hash_dropout`; `apply_mask(inputs, seed)` is the same transform for a given seed, for
-    callers that replay a forward pass. `noise_shape` and other backends use Keras' dropout.
+    `hash_dropout` (the same mask on both backends); `apply_mask(inputs, seed)` is the same
+    transform for a given seed, for callers that replay a forward pass. `noise_shape` and
+    other backends use Keras' dropout.
 
     Example:
         >>> layer = FusedDropout(0.5, seed=1)
@@ -162,7 +258,8 @@ class FusedDropout(keras.layers.Dropout):
         return hash_dropout(inputs, self.rate, seed)
 
     def call(self, inputs, training=False):
-        if not (training and 0.0 < self.rate < 1.0 and self.noise_shape is None and _on_tensorflow()):
+        if not (training and 0.0 < self.rate < 1.0 and self.noise_shape is None
+                and keras.backend.backend() in ("tensorflow", "jax")):
             return super().call(inputs, training=training)
         return self.apply_mask(inputs, self.seed_generator.next())
 

@@ -2,12 +2,14 @@
 
 `RecomputedModel` keeps only the node outputs of a UNet++ for the backward pass and runs
 each node's forward again there: much less activation memory for about one more forward
-pass per step. That training call walks the functional graph through Keras internals
-(`unetpp_tf.models.recompute_graph`), so it runs only under the Keras and TensorFlow
-versions it was tested with, on the TensorFlow backend; anywhere else `with_recompute` and
-`build_unetpp(..., recompute=True)` return the plain model with one warning, and a saved
-`RecomputedModel` trains as a plain functional model, also with one warning. This module is
-on the default path and imports the internals only inside a recomputed training call.
+pass per step. On TensorFlow each node is a `tf.custom_gradient` segment, on JAX a
+`jax.checkpoint` one. That training call walks the functional graph through Keras internals
+(`unetpp_tf.models.recompute_graph`), so it runs only under the versions it was tested with
+(Keras, and TensorFlow on that backend), on the TensorFlow and JAX backends; anywhere else
+`with_recompute` and `build_unetpp(..., recompute=True)` return the plain model with one
+warning, and a saved `RecomputedModel` trains as a plain functional model, also with one
+warning. This module is on the default path and imports the internals only inside a
+recomputed training call.
 
 `NestedModel` is the class name `.keras` files saved by earlier versions of the builders
 carry; such files load as an ordinary functional model.
@@ -19,7 +21,6 @@ import re
 import warnings
 
 import keras
-import tensorflow as tf
 
 # [lowest, first untested) (major, minor) versions the recomputed training call was tested with.
 TESTED_KERAS = ((3, 14), (3, 16))
@@ -43,12 +44,17 @@ def recompute_unavailable() -> str | None:
         str or None: e.g. "Keras 3.16.0 is outside the tested range >=3.14,<3.16".
 
     Example:
-        >>> recompute_unavailable() is None   # Keras 3.15, TensorFlow 2.21, TensorFlow backend
+        >>> recompute_unavailable() is None   # Keras 3.15, and TensorFlow 2.21 on that backend
         True
     """
-    if keras.backend.backend() != "tensorflow":
-        return f"it needs the TensorFlow backend, not {keras.backend.backend()!r}"
-    found = {"Keras": (keras.version(), TESTED_KERAS), "TensorFlow": (tf.__version__, TESTED_TENSORFLOW)}
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
+        return f"it needs the TensorFlow or JAX backend, not {backend!r}"
+    found = {"Keras": (keras.version(), TESTED_KERAS)}
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        found["TensorFlow"] = (tf.__version__, TESTED_TENSORFLOW)
     for name, (version, (low, high)) in found.items():
         if not low <= _major_minor(version) < high:
             return f"{name} {version} is outside the tested range {_span((low, high))}"
@@ -103,8 +109,9 @@ def with_recompute(model: keras.Model, enabled: bool = True) -> keras.Model:
 
     Args:
         model: keras.Model. A functional model, e.g. from `build_unetpp`.
-        enabled: bool. True returns a `RecomputedModel` where the installed Keras and
-            TensorFlow are in the tested range (`recompute_unavailable()` is None), otherwise
+        enabled: bool. True returns a `RecomputedModel` where recomputation runs (the
+            TensorFlow or JAX backend, versions in the tested range: `recompute_unavailable()`
+            is None), otherwise
             `model` with one warning; False returns a plain functional model. Defaults to True.
 
     Returns:

@@ -1,11 +1,20 @@
 """The training call of `RecomputedModel`: each node of the graph is one checkpointed segment.
 
 Opt-in and version-guarded: `unetpp_tf.models.recompute` imports this module only for a
-training call of a `RecomputedModel` under a Keras and TensorFlow version it was tested with
-(`recompute.TESTED_KERAS`, `recompute.TESTED_TENSORFLOW`). It walks the functional graph
-through Keras' own node structures (`_nodes_by_depth`, `Node.arguments`, as
-`Functional.call` does): that is not public API, which is why nothing on the default path
-imports it. TensorFlow itself is used through public APIs only (`tf.custom_gradient`).
+training call of a `RecomputedModel` under a Keras (and, on that backend, TensorFlow)
+version it was tested with (`recompute.TESTED_KERAS`, `recompute.TESTED_TENSORFLOW`). It
+walks the functional graph through Keras' own node structures (`_nodes_by_depth`,
+`Node.arguments`, as `Functional.call` does) and reads variables without autocasting
+(`AutocastScope`): that is not public API, which is why nothing on the default path imports
+it. TensorFlow and JAX themselves are used through public APIs only (`tf.custom_gradient`,
+`jax.checkpoint`), each imported only on its own backend.
+
+On JAX each segment is a pure function of its inputs, the values of its layers' variables
+and its dropout seeds, run under `jax.checkpoint` (which keeps only those arguments for the
+backward pass and traces the forward once); the new values of the non-trainable variables
+(BatchNorm's moving statistics) are among its outputs and are assigned after it, so the
+statistics move once per step, as without recomputation. Everything below about
+`tf.function`, relays and `StatelessScope` replays is the TensorFlow path.
 
 Keras trains in a `tf.function`, where the gradient reaches a segment only through its
 custom gradient, so the forward's internals are not kept for the backward pass. Under
@@ -31,7 +40,6 @@ import re
 from contextlib import nullcontext
 
 import keras
-import tensorflow as tf
 
 _NODE = re.compile(r"^x_(\d+)_(\d+)_")
 
@@ -173,14 +181,16 @@ def _run_nodes(nodes, tensors: dict, seeds: dict) -> None:
             tensors[id(x)] = y
 
 
-def _checkpointed(segment: _Segment, seeds: dict, relay: list):
-    """A function of the segment's inputs whose backward pass recomputes its forward.
+def _checkpointed_tf(segment: _Segment, seeds: dict, relay: list):
+    """A function of the segment's inputs whose backward pass recomputes its forward (TensorFlow).
 
     The inputs at the positions in `relay` are also returned unchanged, and later steps read
     those copies. Their gradients then come back through this segment, which adds them to
     its own: each skip's gradient is summed along the row as it goes, instead of every
     consumer's contribution waiting at the skip until the last one arrives.
     """
+    import tensorflow as tf
+
     calls = []
     count = len(segment.outputs)
 
@@ -221,6 +231,48 @@ def _checkpointed(segment: _Segment, seeds: dict, relay: list):
     return run
 
 
+def _segment_variables(segment: _Segment) -> list:
+    """The variables of the segment's layers, each once, in graph order."""
+    found, seen = [], set()
+    for node in segment.nodes:
+        for variable in getattr(node.operation, "variables", []):
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                found.append(variable)
+    return found
+
+
+def _checkpointed_jax(segment: _Segment, seeds: dict):
+    """A function of the segment's inputs whose backward pass recomputes its forward (JAX).
+
+    The segment runs as a pure function under `jax.checkpoint`: variable values come in as
+    arguments (through a `keras.StatelessScope`), updated non-trainable values go out as
+    results and are assigned here, outside the checkpoint, so no traced value escapes it.
+    """
+    import jax
+    from keras.src.backend.common.variables import AutocastScope
+
+    variables = _segment_variables(segment)
+    updated = [v for v in variables if not v.trainable]
+    seed_keys = list(seeds)
+
+    def pure(values, seed_values, inputs):
+        tensors = {id(t): v for t, v in zip(segment.inputs, inputs)}
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+            _run_nodes(segment.nodes, tensors, dict(zip(seed_keys, seed_values)))
+        return [tensors[id(t)] for t in segment.outputs], [scope.get_current_value(v) for v in updated]
+
+    def run(*inputs):
+        with AutocastScope(None):  # the stored values; each layer casts them as its call does
+            values = [v.value for v in variables]
+        outputs, new_values = jax.checkpoint(pure)(values, [seeds[k] for k in seed_keys], list(inputs))
+        for variable, value in zip(updated, new_values):
+            variable.assign(value)
+        return outputs
+
+    return run
+
+
 # ----------------------------------------------------------------------------- the call
 
 
@@ -242,6 +294,7 @@ def recomputed_call(model: keras.Model, inputs):
         steps = _plan(model)
         plan = model._recompute_plan = (steps, _relays(steps))
     steps, relays = plan
+    on_jax = keras.backend.backend() == "jax"
     flat = keras.tree.flatten(model._standardize_inputs(inputs))
     tensors = {id(t): v for t, v in zip(model.inputs, flat)}
     for step in steps:
@@ -249,8 +302,9 @@ def recomputed_call(model: keras.Model, inputs):
             _run_nodes([step], tensors, {})
             continue
         seeds = {id(layer): _draw_seed(layer) for layer in step.dropouts}
-        relay = relays[id(step)]
-        outputs = _checkpointed(step, seeds, relay)(*[tensors[id(t)] for t in step.inputs])
+        relay = [] if on_jax else relays[id(step)]
+        run = _checkpointed_jax(step, seeds) if on_jax else _checkpointed_tf(step, seeds, relay)
+        outputs = run(*[tensors[id(t)] for t in step.inputs])
         for t, value in zip(step.outputs + [step.inputs[k] for k in relay], outputs):
             tensors[id(t)] = value
     result = keras.tree.pack_sequence_as(model.output, [tensors[id(t)] for t in model.outputs])
