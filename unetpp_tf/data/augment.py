@@ -21,8 +21,10 @@ The layer is used in one of two places:
 - on the host, in tf.data: pass `augment=augmenter` to a data source. Each batch then comes
   with its own seed from the pipeline (`unetpp_tf.data.pipeline.finalize`) and every draw is a
   stateless function of that seed (`tf.random.stateless_*`), so the augmented batches are the
-  same for the same pipeline seed however many batches tf.data augments in parallel. This
-  path needs the TensorFlow backend, as tf.data does.
+  same for the same pipeline seed however many batches tf.data augments in parallel. tf.data
+  runs TensorFlow whatever backend Keras runs on, so this path computes with Keras'
+  TensorFlow backend functions (`_TensorFlowOps`) on every backend, as Keras' own
+  preprocessing layers do inside tf.data.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
+from keras.src.utils import backend_utils
 
 
 def _gaussian_taps(sigma: float):
@@ -40,7 +44,7 @@ def _gaussian_taps(sigma: float):
     return [t / sum(taps) for t in taps]
 
 
-def _reflect(coords, size):
+def _reflect(coords, size, ops=ops):
     """Mirror float pixel coordinates into [0, size - 1] (reflect padding)."""
     last = ops.cast(size - 1, "float32")
     period = 2.0 * ops.maximum(last, 1.0)
@@ -48,7 +52,7 @@ def _reflect(coords, size):
     return ops.where(coords > last, period - coords, coords)
 
 
-def _sample(x, rows, cols, *, bilinear: bool):
+def _sample(x, rows, cols, *, bilinear: bool, ops=ops):
     """Resample x [B, H, W, C] at float pixel positions rows/cols [B, H, W] (in range)."""
     shape = ops.shape(x)
     batch, height, width = shape[0], shape[1], shape[2]
@@ -69,14 +73,41 @@ def _sample(x, rows, cols, *, bilinear: bool):
     return top * (1 - wr) + bottom * wr
 
 
-def _intensity_range(images):
+def _intensity_range(images, ops=ops):
     """(min, max - min) of each image [B, H, W, C], shaped [B, 1, 1, 1]."""
     low = ops.min(images, axis=(1, 2, 3), keepdims=True)
     return low, ops.max(images, axis=(1, 2, 3), keepdims=True) - low
 
 
+class _TensorFlowOps:
+    """The `keras.ops` functions the augmenters use, from Keras' TensorFlow backend on any backend.
+
+    Inside tf.data the tensors are TensorFlow's whatever backend Keras runs on; `keras.ops`
+    would hand them to that backend (jax.numpy cannot take a symbolic tf.Tensor).
+    """
+
+    _CORE = ("cast", "convert_to_tensor", "shape")
+
+    def __init__(self):
+        self.backend = backend_utils.DynamicBackend("tensorflow")
+
+    def __getattr__(self, name):
+        if name in self._CORE:
+            return getattr(self.backend, name)
+        if name == "depthwise_conv":
+            return self.backend.nn.depthwise_conv
+        if name == "image":
+            return self.backend.image
+        return getattr(self.backend.numpy, name)
+
+
+_TF_OPS = _TensorFlowOps()
+
+
 class _GeneratorDraws:
     """Random draws from a `keras.random.SeedGenerator`: new values on every call (any backend)."""
+
+    ops = ops  # computed with the backend Keras runs on
 
     def __init__(self, generator):
         self.generator = generator
@@ -90,6 +121,8 @@ class _GeneratorDraws:
 
 class _StatelessDraws:
     """Random draws that are a pure function of a seed tensor [2]: the k-th draw uses fold_in(seed, k)."""
+
+    ops = _TF_OPS  # TensorFlow tensors (tf.data) on every backend
 
     def __init__(self, seed):
         self.seed = tf.cast(seed, tf.int64)
@@ -139,6 +172,22 @@ class JointAugmenter(keras.layers.Layer):
             seed = tf.random.experimental.stateless_fold_in(seed, self.settings["seed"])
         return _StatelessDraws(seed)
 
+    def __call__(self, images, masks, training=True, seed=None, **kwargs):
+        if keras.backend.backend() == "tensorflow" or (seed is None and not backend_utils.in_tf_graph()):
+            return super().__call__(images, masks, training=training, seed=seed, **kwargs)
+        if seed is None:
+            raise ValueError(
+                f"{type(self).__name__} inside tf.data on the {keras.backend.backend()} backend needs seed= (an "
+                "integer tensor of shape [2] per batch, as unetpp_tf.data.pipeline.augmented gives each batch); "
+                "or augment on the device with AugmentedModel."
+            )
+        # The host path on another backend: TensorFlow tensors in and out. Layer.__call__ would convert
+        # them to the backend's tensors (it cannot: they are symbolic inside tf.data), and the layer
+        # has no weights to build, so `call` runs directly.
+        images, masks, seed = (t if tf.is_tensor(t) else tf.convert_to_tensor(np.asarray(t))
+                               for t in (images, masks, seed))
+        return self.call(images, masks, training=training, seed=seed)
+
     def call(self, images, masks, training=True, seed=None):
         if not training:
             return images, masks
@@ -148,6 +197,7 @@ class JointAugmenter(keras.layers.Layer):
                 "use SegmentationAugmenter for 2D (and 2.5D) batches and VolumeAugmenter for volumes."
             )
         draws = self._draws(seed)
+        ops = draws.ops
         mask_dtype = masks.dtype
         squeeze = len(masks.shape) == self.spatial_rank + 1
         images = ops.cast(images, "float32")
@@ -176,7 +226,8 @@ class SegmentationAugmenter(JointAugmenter):
     Randomness: without `seed=` in the call, the draws come from the layer's seed generator
     (seeded with `seed`), new on every call. With `seed=` (an integer tensor of shape [2], as
     the host pipeline gives each batch), the draws are a pure function of that seed and of
-    the layer's `seed` setting: the same call gives the same batch (TensorFlow backend).
+    the layer's `seed` setting: the same call gives the same batch, computed with TensorFlow
+    ops on every Keras backend (tf.data is TensorFlow).
 
     Args:
         flip: bool. Random horizontal and vertical flips. Defaults to True.
@@ -236,7 +287,7 @@ class SegmentationAugmenter(JointAugmenter):
 
     def _sampling_map(self, images, draws):
         """Source pixel positions (rows, cols) [B, H, W] for all geometric transforms at once."""
-        s = self.settings
+        s, ops = self.settings, draws.ops
 
         def uniform(low, high):
             return draws.uniform((batch, 1, 1, 1), low, high)[..., 0]
@@ -276,23 +327,23 @@ class SegmentationAugmenter(JointAugmenter):
             coarse = draws.normal((batch, 6, 6, 2))
             field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * s["elastic"]
             rows, cols = rows + field[..., 0], cols + field[..., 1]
-        return _reflect(rows, height), _reflect(cols, width)
+        return _reflect(rows, height, ops), _reflect(cols, width, ops)
 
     def _photometric(self, images, draws):
-        s = self.settings
+        s, ops = self.settings, draws.ops
         batch = ops.shape(images)[0]
 
         def uniform(low, high):
             return draws.uniform((batch, 1, 1, 1), low, high)
 
-        _, spread = _intensity_range(images)
+        _, spread = _intensity_range(images, ops)
         if s["brightness"]:
             images = images + uniform(-s["brightness"], s["brightness"]) * spread
         if s["contrast"]:
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
             images = (images - mean) * uniform(1 - s["contrast"], 1 + s["contrast"]) + mean
         if s["gamma"]:
-            now_low, now_spread = _intensity_range(images)
+            now_low, now_spread = _intensity_range(images, ops)
             unit = (images - now_low) / ops.maximum(now_spread, 1e-12)
             images = unit ** ops.exp(uniform(-s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
@@ -313,7 +364,8 @@ class SegmentationAugmenter(JointAugmenter):
 
     def _move(self, images, masks, draws):
         rows, cols = self._sampling_map(images, draws)
-        return _sample(images, rows, cols, bilinear=True), _sample(masks, rows, cols, bilinear=False)
+        return (_sample(images, rows, cols, bilinear=True, ops=draws.ops),
+                _sample(masks, rows, cols, bilinear=False, ops=draws.ops))
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")
@@ -324,7 +376,8 @@ class AugmentedModel(keras.Model):
     in the host input pipeline. Prediction and evaluation see the data unchanged. With
     a deep-supervision model the dataset may give one mask per sample or one per head
     (`targets_per_head`, needed under a distribution strategy); the mask is augmented once
-    and fed to every head. Save `wrapper.model`, the plain model, for deployment.
+    and fed to every head. Save `wrapper.model`, the plain model, for deployment. Works on the
+    TensorFlow, JAX and PyTorch backends (on JAX inside the jitted, stateless train step).
 
     Args:
         model: keras.Model. The segmentation model.
@@ -348,21 +401,48 @@ class AugmentedModel(keras.Model):
         return self.model(inputs, training=training)
 
     def _targets(self, masks):
+        if masks is None:
+            return None
         if isinstance(masks, (tuple, list)):  # already one copy per head (targets_per_head)
             masks = masks[0]
         heads = len(self.model.outputs)
         return masks if heads == 1 else tuple(masks for _ in range(heads))
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        """Augment the batch, then take the backend's own train step on it.
+
+        TensorFlow and PyTorch call `train_step(data)` and the augmenter's seed generator moves
+        on as a variable. JAX calls the stateless `train_step(state, data)`: the augmenter runs in
+        a `keras.StatelessScope` over the non-trainable variables (its seed generator's state is
+        one of them) and the advanced seed goes into the state the JAX step returns, so every
+        jitted step draws anew and a fixed seed repeats the same steps.
+        """
+        if keras.backend.backend() != "jax":
+            (data,) = args
+            return super().train_step(self._augmented(data))
+        (trainable, non_trainable, optimizer_variables, metrics_variables), data = args
+        with keras.StatelessScope(state_mapping=list(zip(self.non_trainable_variables, non_trainable))) as scope:
+            data = self._augmented(data)
+        non_trainable = [
+            value if scope.get_current_value(variable) is None else scope.get_current_value(variable)
+            for variable, value in zip(self.non_trainable_variables, non_trainable)
+        ]
+        return super().train_step((trainable, non_trainable, optimizer_variables, metrics_variables), data)
+
+    def _augmented(self, data):
         images, masks, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(masks, (tuple, list)):  # one copy per head (targets_per_head): augment one
             masks = masks[0]
         images, masks = self.augmenter(images, masks, training=True)
-        return super().train_step((images, self._targets(masks), sample_weight))
+        return images, masks, sample_weight
 
-    def test_step(self, data):
-        images, masks, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        return super().test_step((images, self._targets(masks), sample_weight))
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The compiled loss, with the mask fed to every head (in every step and in Keras' symbolic build)."""
+        return super().compute_loss(x, self._targets(y), y_pred, sample_weight, training=training)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The compiled metrics, with the mask fed to every head."""
+        return super().compute_metrics(x, self._targets(y), y_pred, sample_weight=sample_weight)
 
     def get_config(self):
         return {
