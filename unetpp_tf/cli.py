@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import warnings
 import typing
@@ -85,9 +86,14 @@ TRAIN_HELP = {
     "early_stopping": "stop after this many epochs without a better validation Dice (0 = never); after "
                       "--freeze-encoder-epochs it counts the fine-tuning epochs",
     "mixed_precision": "mixed precision (outputs and losses stay float32)",
-    "xla": "XLA-compile the train step; auto = on with a GPU or TPU, off on CPU (slower there)",
+    "xla": "XLA-compile the train step; auto = on with a GPU or TPU, off on CPU (slower there); always on on JAX",
     "recompute": "recompute each node's forward in the backward pass: a third less peak memory at 256x256, 0.8x speed",
-    "strategy": "tf.distribute strategy (mirrored = all local GPUs; multi-host is not offered)",
+    "strategy": "auto = all local GPUs; one-device, mirrored, tpu = tf.distribute strategies (TensorFlow); "
+                "multi-worker = data parallel over several processes or hosts (--backend jax)",
+    "coordinator": "multi-worker: HOST:PORT of worker 0, which hosts the coordinator (or JAX_COORDINATOR_ADDRESS)",
+    "num_processes": "multi-worker: number of worker processes (or JAX_NUM_PROCESSES)",
+    "process_id": "multi-worker: this worker's id, 0 to N-1; 0 writes the run directory (or JAX_PROCESS_ID)",
+    "init_timeout": "multi-worker: seconds to wait for the coordinator and every worker",
     "export_saved_model": "export a SavedModel into the run",
     "export_tflite": "export a float32 TFLite file into the run",
 }
@@ -400,10 +406,18 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
                         help="folder data: drop unreadable or mismatched image/mask pairs instead of stopping")
 
 
+BACKENDS = ("tensorflow", "jax")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `unetpp-tf` (all subcommands)."""
     parser = _Parser(prog="unetpp-tf", description="UNet++ image segmentation for Keras and TensorFlow.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--backend", choices=BACKENDS,
+                        help="Keras backend to run on (default: KERAS_BACKEND, else tensorflow)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
     train = sub.add_parser("train", help="train a model and write a run directory")
     train.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
@@ -487,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_library_notes()
     try:
+        if args.backend:
+            _use_backend(args.backend, restart=argv is None)
         with native_stderr_silenced(), warnings.catch_warnings():
             warnings.showwarning = _warning_line
             return args.run(args)
@@ -496,6 +512,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError, FloatingPointError, ImportError) as error:  # ImportError: an extra
         print(f"unetpp-tf: error: {error_message(error)}", file=sys.stderr)
         return 2
+
+
+def _use_backend(name: str, restart: bool) -> None:
+    """Run on Keras backend `name`: nothing to do when Keras already runs on it.
+
+    Keras fixes its backend when first imported (importing this package imports it), so the
+    command starts again with KERAS_BACKEND set (the same process id, `exec`); a call of `main`
+    from Python cannot do that and is refused.
+    """
+    import importlib.util
+
+    import keras
+
+    if keras.backend.backend() == name:
+        return
+    if importlib.util.find_spec(name) is None:
+        raise ImportError(f"--backend {name}: {name} is not installed; pip install 'unetpp-tf[{name}]'.")
+    if not restart:
+        raise ValueError(
+            f"--backend {name}: Keras already runs on {keras.backend.backend()} in this process; set "
+            f"KERAS_BACKEND={name} before importing keras (or unetpp_tf), or run the unetpp-tf command."
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "unetpp_tf", *sys.argv[1:]],
+              {**os.environ, "KERAS_BACKEND": name})
 
 
 def error_message(error: BaseException) -> str:

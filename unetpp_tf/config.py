@@ -14,7 +14,7 @@ CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine", "plateau"),
     "mixed_precision": ("none", "bf16", "fp16"),
-    "strategy": ("auto", "one-device", "mirrored", "tpu"),
+    "strategy": ("auto", "one-device", "mirrored", "tpu", "multi-worker"),
     "xla": ("auto", "on", "off"),
     "augment": ("device", "host", "none"),
     "task": ("binary", "multiclass"),
@@ -131,6 +131,11 @@ class TrainConfig:
     xla: str = "auto"
     recompute: bool = False
     strategy: str = "auto"
+    # multi-worker: the cluster (None = JAX_* variables, or JAX's own SLURM / Open MPI detection)
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout: float = 300.0
     # outputs
     export_saved_model: bool = True
     export_tflite: bool = True

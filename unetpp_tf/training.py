@@ -43,6 +43,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -52,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from unetpp_tf import losses as losses_module
+from unetpp_tf import distributed
 from unetpp_tf import metrics as metrics_module
 from unetpp_tf import viz
 from unetpp_tf.checkpoints import (
@@ -87,7 +89,10 @@ SPLITS_FILE = "splits.json"
 CONFIG_FILE = "config.json"
 BACKUP_DIR = "backup"
 # Settings a resumed run may change: where the run is, and what is exported at the end.
-RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite")
+# where the run is, what it exports, and where its workers are (a resumed run may use other machines)
+RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "coordinator", "num_processes",
+               "process_id", "init_timeout")
+CLUSTER_FIELDS = ("coordinator", "num_processes", "process_id", "init_timeout")
 
 
 def read_splits(run) -> dict:
@@ -440,32 +445,60 @@ def _optimizer(config: TrainConfig, total_steps: int, rate: float) -> keras.opti
 
 
 def use_xla(setting: str = "auto") -> bool:
-    """Whether to XLA-compile the train step: "on", "off", or "auto" (only with a GPU or TPU).
+    """Whether to XLA-compile the train step: "on", "off", or "auto".
 
-    On this project's 2-core CPU benchmark XLA made training slower (7.4 vs 11.0 images/s
-    for the paper UNet++ at 96x96, batch 16): TensorFlow's oneDNN kernels beat XLA's CPU
-    code, so "auto" keeps it for accelerators.
+    On TensorFlow "auto" compiles only with a GPU or TPU: on this project's 2-core CPU
+    benchmark XLA made training slower (7.4 vs 11.0 images/s for the paper UNet++ at 96x96,
+    batch 16), as TensorFlow's oneDNN kernels beat XLA's CPU code. On JAX every step is
+    XLA-compiled ("off" runs op by op, for debugging).
 
     Example:
         >>> model.compile(..., jit_compile=use_xla("auto"))
     """
     if setting != "auto":
         return setting == "on"
+    if keras.backend.backend() != "tensorflow":
+        return True
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
-def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
-    """Return the tf.distribute strategy for "auto", "one-device", "mirrored" or "tpu".
+class KerasDistribution:
+    """The strategy object of a run on JAX: Keras' distribution API is global, so `scope()` is empty.
 
-    "auto" mirrors over all local GPUs when there are several and otherwise uses the
-    default strategy; "mirrored" uses all local GPUs, or all logical CPU devices when
-    there is no GPU. Multi-host training is not offered: Keras 3 `fit` fails with
-    MultiWorkerMirroredStrategy across real workers (keras issue 20585).
+    `num_replicas_in_sync` is the number of devices every global batch is split over.
+    """
+
+    def __init__(self, replicas: int):
+        self.num_replicas_in_sync = replicas
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def make_strategy(name: str = "auto"):
+    """Return the strategy for "auto", "one-device", "mirrored", "tpu" or "multi-worker".
+
+    On TensorFlow these are tf.distribute strategies: "auto" mirrors over all local GPUs
+    when there are several and otherwise uses the default strategy; "mirrored" uses all
+    local GPUs, or all logical CPU devices when there is no GPU. On JAX, "auto" spreads each
+    batch over all local devices with `keras.distribution.DataParallel` when there are
+    several, and "multi-worker" over every device of every worker (`unetpp_tf.distributed.start`
+    must have joined them). Multi-host training runs on JAX: Keras 3 `fit` fails with
+    TensorFlow's MultiWorkerMirroredStrategy across real workers (keras issue 20585).
 
     Example:
         >>> with make_strategy("mirrored").scope():
         ...     model = build_unetpp()
     """
+    distributed.check_backend(name)
+    if keras.backend.backend() != "tensorflow":
+        import jax
+
+        if name == "multi-worker":
+            return KerasDistribution(jax.device_count())
+        if jax.local_device_count() > 1 and keras.distribution.distribution() is None:
+            keras.distribution.set_distribution(keras.distribution.DataParallel())
+        return KerasDistribution(jax.local_device_count() if keras.distribution.distribution() else 1)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -482,7 +515,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         except (ValueError, tf.errors.NotFoundError) as error:
             raise ValueError(f"strategy 'tpu': no TPU found ({error}); use 'auto' on this machine.") from error
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"strategy must be one of auto, one-device, mirrored, tpu; got {name!r}.")
+    raise ValueError(f"strategy must be one of auto, one-device, mirrored, tpu, multi-worker; got {name!r}.")
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -500,19 +533,30 @@ class ValidationDice(keras.callbacks.Callback):
         model_to_score: keras.Model. The (multi-output) model being trained.
         dataset: tf.data.Dataset. Validation batches of (images, masks).
         num_classes: int. 1 for binary, K for K classes.
+        local: bool. Score a copy of the model outside the Keras distribution (multi-worker
+            runs). Defaults to False.
 
     Example:
         >>> callbacks = [ValidationDice(model, data.val, data.num_classes), CSVLogger(...)]
     """
 
-    def __init__(self, model_to_score: keras.Model, dataset, num_classes: int):
+    def __init__(self, model_to_score: keras.Model, dataset, num_classes: int, local: bool = False):
         super().__init__()
         self.scored, self.dataset, self.num_classes = as_single_output(model_to_score), dataset, num_classes
+        self.local, self.copy = local, None
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
+        if logs is None:
+            return
+        if self.local:  # multi-worker: every worker scores the whole split on its own copy, so all agree
+            if self.copy is None:
+                self.copy = distributed.local_copy(self.scored)
+            with distributed.outside_distribution():
+                distributed.sync_weights(self.scored, self.copy)
+                metrics = evaluate(self.copy, self.dataset, num_classes=self.num_classes)["metrics"]
+        else:
             metrics = evaluate(self.scored, self.dataset, num_classes=self.num_classes)["metrics"]
-            logs["val_dice"], logs["val_iou"] = metrics["dice"], metrics["iou"]
+        logs["val_dice"], logs["val_iou"] = metrics["dice"], metrics["iou"]
 
 
 class PhaseRecord(keras.callbacks.Callback):
@@ -716,6 +760,9 @@ def train(
         from unetpp_tf.crossval import train_folds  # deferred: crossval builds on this module
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
+    cluster = _join_workers(config) if config.strategy == "multi-worker" else None
+    if cluster and not cluster.is_chief:
+        return _train_as_worker(config, cluster, resume, list(callbacks or []), verbose)
     run = prepare_run_dir(config, resume, overwrite)
     config.check_training_size()
     if not (resume and (run / BACKUP_DIR).exists()):  # a resumed run takes its weights from the backup
@@ -730,7 +777,56 @@ def train(
         splits = read_splits(run)
     with training_policy(config):
         data = load_data(config, splits=splits)
-        return run, _fit(config, data, run, resume, list(callbacks or []), verbose)
+        history = _fit(config, data, run, resume, list(callbacks or []), verbose, cluster=cluster)
+    if cluster:
+        _all_workers_done()
+    return run, history
+
+
+def _join_workers(config: TrainConfig) -> distributed.Cluster:
+    """Join the other workers of a multi-worker run (`unetpp_tf.distributed.start`)."""
+    if not config.name:
+        raise ValueError(
+            "--strategy multi-worker needs --name, so that every worker names the same run directory "
+            "(the chief writes it, the others read it to resume)."
+        )
+    distributed.check_backend(config.strategy)
+    cluster = distributed.Cluster.from_settings(config.coordinator, config.num_processes, config.process_id)
+    shared = {k: v for k, v in config.to_dict().items() if k not in ("process_id", "init_timeout", "coordinator")}
+    distributed.start(cluster, config.batch_size, settings=shared, timeout=config.init_timeout)
+    if cluster.process_id is None:  # detected by JAX (SLURM, Open MPI)
+        import jax
+
+        cluster = dataclasses.replace(cluster, num_processes=jax.process_count(), process_id=jax.process_index())
+    return cluster
+
+
+def _train_as_worker(config: TrainConfig, cluster: distributed.Cluster, resume: bool, callbacks: list, verbose):
+    """A worker other than the chief: train in step with it, read its run directory, write nothing there.
+
+    What the training loop writes (history, checkpoints, the backup) goes to a scratch folder
+    that is deleted afterwards; the chief scores the best model and exports it.
+    """
+    run = Path(config.output_dir) / config.name
+    if resume and not run.exists():
+        raise FileNotFoundError(f"cannot resume: run directory {run} does not exist (workers read the chief's).")
+    splits = read_splits(run) if resume and (run / SPLITS_FILE).exists() else None
+    scratch = Path(tempfile.mkdtemp(prefix=f"unetpp-worker{cluster.process_id}-"))
+    try:
+        with training_policy(config):
+            data = load_data(config, splits=splits)
+            history = _fit(config, data, scratch, resume, callbacks, verbose, cluster=cluster, resume_from=run)
+        _all_workers_done()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return run, history
+
+
+def _all_workers_done() -> None:
+    """Wait until every worker got here (the chief after scoring and exporting the run)."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("unetpp_tf run finished")
 
 
 def as_config(config: TrainConfig | dict | None) -> TrainConfig:
@@ -825,7 +921,14 @@ def replica_batches(data: SegmentationData, batch_size: int, replicas: int) -> t
     return tuple(datasets)
 
 
-def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, extra: list, verbose) -> dict:
+def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, extra: list, verbose,
+         cluster: distributed.Cluster | None = None, resume_from: Path | None = None) -> dict:
+    """Train into `run` (a resumed run reads its backup from `resume_from`, by default `run`).
+
+    With a `cluster` (multi-worker), each worker feeds its slice of every global batch; only
+    the chief (whose `run` is the run directory) scores and exports at the end.
+    """
+    resume_from = resume_from or run
     strategy = make_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     train_set, val_set = replica_batches(data, config.batch_size, replicas)
@@ -833,7 +936,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     if schedule["note"]:
         logger.info(schedule["note"])
     preprocessing = preprocessing_for(config, data)  # reads the training split (see _fresh_train_set)
-    state = read_backup(run / BACKUP_DIR) if resume else None
+    state = read_backup(resume_from / BACKUP_DIR) if resume else None
     with strategy.scope():
         # a resumed run's weights come from its backup: the encoder's initial weights are not loaded again
         built = dataclasses.replace(config, encoder_weights=None) if state else config
@@ -851,18 +954,20 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
     checkpoint = BestModelCheckpoint(
         model, run / "model.keras", MONITOR, run / "best.json", best=best, saving=lambda: layers_trainable(freezable)
     )
-    scoring = [ValidationDice(model, val_set, data.num_classes)] if len(model.outputs) > 1 else []
+    local = cluster is not None and cluster.num_processes > 1
+    scoring = [ValidationDice(model, val_set, data.num_classes, local=local)] if len(model.outputs) > 1 else []
     history_file = HistoryFile(run / "history.csv", start_epoch=start)
     started = time.time()
     run.mkdir(parents=True, exist_ok=True)  # only now: a bad setting above leaves no directory
-    write_json(run / CONFIG_FILE, config.to_dict())
+    # without where the workers were: a resumed run (each worker reading the chief's file) gives its own
+    write_json(run / CONFIG_FILE, {k: v for k, v in config.to_dict().items() if k not in CLUSTER_FIELDS})
     if data.files:
         write_json(run / SPLITS_FILE, data.files)
         skipped = data.files.get("skipped")
         if skipped:
             logger.info(f"skipped {len(skipped)} invalid image/mask pair(s), listed in {run / SPLITS_FILE}")
     steps = schedule["steps_per_epoch"]
-    val_set = targets_per_head(val_set, model)
+    val_set = _worker_part(targets_per_head(val_set, model), cluster)
     stopped = bool((state or {}).get("stopped"))
     for phase in phases:
         if phase.end_epoch <= start or stopped or nan_guard.where is not None:
@@ -877,7 +982,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
             if state and first == start:  # the phase this resumed run continues
                 same_phase = state.get("phase", "train") == phase.name
                 # at the boundary the backup holds the previous phase's optimizer: this phase starts a fresh one
-                restore_variables(trainer, run / BACKUP_DIR, state, optimizer=same_phase)
+                restore_variables(trainer, resume_from / BACKUP_DIR, state, optimizer=same_phase)
                 restored = state if same_phase else None
         if config.freeze_encoder_epochs:
             logger.info(_phase_note(phase, first, config, len(freezable)))
@@ -899,7 +1004,7 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         # of the training split and skips the batches of the epochs before it, so the shuffles,
         # random crops and host augmentation continue where they stopped.
         phase_train = train_set if first == start else _fresh_train_set(config, data, replicas)
-        stream = targets_per_head(phase_train.repeat().skip(first * steps), model)
+        stream = _worker_part(targets_per_head(phase_train.repeat().skip(first * steps), model), cluster)
         trainer.fit(
             stream, validation_data=val_set, epochs=phase.end_epoch, initial_epoch=first, steps_per_epoch=steps,
             callbacks=callbacks, verbose=verbose, shuffle=False,
@@ -920,6 +1025,8 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         "best_val_dice": checkpoint.best,
         "epochs": len(next(iter(history.values()), [])),
         "train_seconds": round(time.time() - started, 1),
+        "backend": keras.backend.backend(),
+        "workers": cluster.num_processes if cluster else 1,
         "schedule": {k: v for k, v in schedule.items() if k != "note"},
         "preprocessing": preprocessing,
     }
@@ -929,9 +1036,19 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
              "learning_rate": float(f"{p.learning_rate:.12g}"), "encoder_frozen": p.encoder_frozen}
             for p in phases
         ]
-    finish_run(config, data, run, record, history)
+    if cluster is not None and not cluster.is_chief:
+        return history
+    with distributed.outside_distribution() if cluster else contextlib.nullcontext():
+        finish_run(config, data, run, record, history)
     _remove_backup(run)  # last: until metrics.json is written, a resume can finish the run
     return history
+
+
+def _worker_part(dataset, cluster: distributed.Cluster | None):
+    """This worker's slice of every batch in a multi-worker run; the dataset itself otherwise."""
+    if cluster is None:
+        return dataset
+    return distributed.worker_slice(dataset, cluster.process_id, cluster.num_processes)
 
 
 def _phase_note(phase: Phase, first: int, config: TrainConfig, layers: int) -> str:
