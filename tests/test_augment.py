@@ -23,6 +23,7 @@ def _shapes(batch=6, size=48, seed=0):
     return images, masks
 
 
+@pytest.mark.backend_independent
 def test_geometric_augmentation_keeps_image_and_mask_aligned():
     images, masks = _shapes()
     augmenter = SegmentationAugmenter(flip=True, rotate90=True, seed=3, **GEOMETRIC)
@@ -34,6 +35,7 @@ def test_geometric_augmentation_keeps_image_and_mask_aligned():
     assert np.mean(derived == masks) < np.mean(derived == out_masks) - 0.03
 
 
+@pytest.mark.backend_independent
 def test_photometric_augmentation_touches_images_only():
     images, masks = _shapes()
     augmenter = SegmentationAugmenter(
@@ -46,6 +48,7 @@ def test_photometric_augmentation_touches_images_only():
     assert out_images.min() >= 0.0 and out_images.max() <= 1.0
 
 
+@pytest.mark.backend_independent
 def test_inference_passes_through_and_shapes_dtypes_kept():
     images, masks = _shapes()
     augmenter = SegmentationAugmenter(seed=0, **GEOMETRIC)
@@ -56,6 +59,7 @@ def test_inference_passes_through_and_shapes_dtypes_kept():
     assert out.shape == squeezed.shape and np.asarray(out).dtype == np.uint8
 
 
+@pytest.mark.backend_independent
 def test_seeded_draws_are_reproducible():
     images, masks = _shapes()
     first = [np.asarray(t) for t in SegmentationAugmenter(seed=7, noise=0.05, **GEOMETRIC)(images, masks)]
@@ -66,6 +70,7 @@ def test_seeded_draws_are_reproducible():
     assert not np.allclose(first[0], other[0])
 
 
+@pytest.mark.backend_independent
 def test_bad_settings():
     with pytest.raises(ValueError, match="rotation must be a number >= 0"):
         SegmentationAugmenter(rotation=-0.1)
@@ -75,6 +80,7 @@ def test_bad_settings():
         SegmentationAugmenter(rotate90=True)(np.zeros((1, 32, 48, 1)), np.zeros((1, 32, 48, 1)))
 
 
+@pytest.mark.backend_independent
 def test_config_round_trip():
     augmenter = SegmentationAugmenter(rotation=0.1, elastic=2.0, noise=0.03, seed=5)
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(augmenter))
@@ -125,6 +131,7 @@ def test_host_augmentation_is_reproducible_for_a_seed():
         assert not np.allclose(x, x0) and y.dtype == np.int32 and set(np.unique(y)) <= {0, 1}
 
 
+@pytest.mark.backend_independent
 def test_stateless_call_is_a_pure_function_of_its_seed():
     images, masks = _shapes()
     augmenter = SegmentationAugmenter(noise=0.05, seed=0, **GEOMETRIC)
@@ -140,7 +147,7 @@ def test_stateless_call_is_a_pure_function_of_its_seed():
     assert not np.allclose(d, e)
 
 
-@pytest.mark.parametrize("rotate90", [False, True])
+@pytest.mark.parametrize("rotate90", [pytest.param(False, marks=pytest.mark.backend_independent), True])
 def test_host_flips_and_quarter_turns_are_exact_and_shared_by_image_and_mask(rotate90):
     count = 128 if rotate90 else 48
     augmented = _host_batches(SegmentationAugmenter(flip=True, rotate90=rotate90, seed=0), count=count)[0]
@@ -164,6 +171,7 @@ def _identity_model():
     return model
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("settings, zero_loss", [(dict(flip=True, rotate90=True), True), (dict(noise=0.2), False)])
 def test_augmentation_runs_inside_the_train_step(settings, zero_loss):
     masks = (np.random.default_rng(0).random((8, 32, 32, 1)) > 0.5).astype(np.int32)
@@ -183,3 +191,25 @@ def test_augmented_model_feeds_every_deep_supervision_head(tiny_ds_model):
     wrapper.compile("adam", loss=unetpp_tf.losses.BCEDiceLoss())
     history = wrapper.fit(data.train, validation_data=data.val, epochs=1, verbose=0).history
     assert {"output_1_loss", "output_2_loss", "val_loss"} <= set(history)
+
+
+def _noisy_identity_steps(seed, steps=3):
+    """Losses of `steps` jitted train steps of the identity model under noise, and the seed states after each."""
+    masks = (np.random.default_rng(0).random((4, 32, 32, 1)) > 0.5).astype(np.int32)
+    wrapper = AugmentedModel(_identity_model(), SegmentationAugmenter(flip=False, rotate90=False, noise=0.3, seed=seed))
+    wrapper.compile(keras.optimizers.SGD(learning_rate=0.0), loss="mse", jit_compile=True)
+    losses, states = [], []
+    for _ in range(steps):
+        losses.append(float(wrapper.train_on_batch(masks.astype(np.float32), masks)))
+        states.append(keras.ops.convert_to_numpy(wrapper.augmenter.seed_generator.state.value).tolist())
+    return losses, states
+
+
+@pytest.mark.backend_independent
+def test_device_augmentation_draws_anew_each_step_and_repeats_for_a_seed():
+    losses, states = _noisy_identity_steps(seed=4)
+    # The loss is the squared noise: a new draw each step (the seed state moves), identical steps for the seed.
+    assert len(set(losses)) == 3 and all(loss > 1e-4 for loss in losses)
+    assert len({tuple(state) for state in states}) == 3
+    assert _noisy_identity_steps(seed=4) == (losses, states)
+    assert _noisy_identity_steps(seed=5)[0] != losses

@@ -8,6 +8,8 @@ import tensorflow as tf
 from unetpp_tf.data import AugmentedModel
 from unetpp_tf.data.augment3d import VolumeAugmenter
 
+pytestmark = pytest.mark.backend_independent  # keras.ops maths and a jitted 3D train step
+
 
 def _blocks(batch=4, shape=(6, 16, 16), seed=0):
     """Volumes of flat-valued boxes (levels 0.1 / 0.5 / 0.9) and the labels 0 / 1 / 2 derived from them."""
