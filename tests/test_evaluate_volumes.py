@@ -43,6 +43,7 @@ def binary_volumes():
     ], pred, ref
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("spatial", [3, 2])  # a 3D model in sliding windows, a 2D one slice by slice
 def test_binary_volumes_by_hand(binary_volumes, spatial):
     volumes, pred, ref = binary_volumes
@@ -62,6 +63,7 @@ def test_binary_volumes_by_hand(binary_volumes, spatial):
     assert "per_class" not in metrics
 
 
+@pytest.mark.backend_independent
 def test_multi_class_rows_name_the_foreground_classes(tmp_path):
     shape = (5, 8, 8)
     lung, nodule = box(shape, (0, 1, 1), (5, 7, 4)), box(shape, (2, 5, 5), (3, 6, 6))
@@ -93,6 +95,7 @@ def test_multi_class_rows_name_the_foreground_classes(tmp_path):
     assert written["per_class"]["dice"] == pytest.approx(metrics["per_class"]["dice"])
 
 
+@pytest.mark.backend_independent
 def test_evaluate_volumes_refuses_bad_input(binary_volumes):
     volumes, _, _ = binary_volumes
     model = identity(3, 1)
@@ -105,6 +108,7 @@ def test_evaluate_volumes_refuses_bad_input(binary_volumes):
         evaluation.evaluate_volumes(identity(3, 4), volumes, patch_size=4, class_names=["a", "b"])
 
 
+@pytest.mark.backend_independent
 def test_evaluate_adds_surface_distances_with_a_pixel_spacing():
     shape = (10, 6)
     ref = box(shape, (2, 1), (5, 4))

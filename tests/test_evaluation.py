@@ -48,6 +48,7 @@ def binary_data(rng):
     return probs, masks
 
 
+@pytest.mark.backend_independent
 def test_binary_metrics_match_a_numpy_reference(binary_data):
     probs, masks = binary_data
     report = evaluation.evaluate(identity_model(), dataset(probs, masks), threshold=0.6)
@@ -63,6 +64,7 @@ def test_binary_metrics_match_a_numpy_reference(binary_data):
             assert row[key] == pytest.approx(image_expected[key], rel=1e-5), (i, key)
 
 
+@pytest.mark.backend_independent
 def test_dataset_dice_pools_counts_instead_of_averaging_images():
     masks = np.zeros((2, 32, 32, 1), np.int32)
     masks[0, :16] = 1  # a large object, found exactly
@@ -76,6 +78,7 @@ def test_dataset_dice_pools_counts_instead_of_averaging_images():
     assert report["metrics"]["recall"] == pytest.approx(512 / 513)
 
 
+@pytest.mark.backend_independent
 def test_multiclass_per_class_values_and_pixel_accuracy(rng):
     classes = rng.integers(0, 3, size=(4, 32, 32))
     masks = rng.integers(0, 3, size=(4, 32, 32, 1))
@@ -99,6 +102,7 @@ def test_multiclass_per_class_values_and_pixel_accuracy(rng):
     assert row["dice"] == pytest.approx(2 * found / (1 + found) / 3, rel=1e-5)
 
 
+@pytest.mark.backend_independent
 def test_agrees_with_streaming_metric_classes(rng, binary_data):
     metric_classes = {"dice": Dice, "iou": IoU, "precision": Precision, "recall": Recall, "f1": F1Score,
                       "accuracy": PixelAccuracy}
@@ -123,6 +127,7 @@ def sigmoid_conv(kernel, bias):
     return model
 
 
+@pytest.mark.backend_independent
 def test_ensemble_averages_probabilities(binary_data):
     images, masks = binary_data
     first, second = sigmoid_conv(6.0, -3.0), sigmoid_conv(-4.0, 1.5)
@@ -146,6 +151,7 @@ def test_deep_supervision_fast_mode_equals_pruned_model(tiny_ds_model, rng):
     assert deepest["per_image"] != fast["per_image"]
 
 
+@pytest.mark.backend_independent
 def test_argument_errors(binary_data):
     probs, masks = binary_data
     with pytest.raises(ValueError, match="names has 2 entries but the dataset has 5 images"):
@@ -158,6 +164,7 @@ def test_argument_errors(binary_data):
         evaluation.evaluate(identity_model(), dataset(probs, masks), mode="fast", level=1)
 
 
+@pytest.mark.backend_independent
 def test_writers_round_trip(tmp_path, binary_data):
     report = evaluation.evaluate(identity_model(), dataset(*binary_data), names=list("abcde"))
     csv_path = evaluation.write_per_image_csv(report["per_image"], tmp_path / "run" / "per_image.csv")
@@ -170,6 +177,7 @@ def test_writers_round_trip(tmp_path, binary_data):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json", "per_image.csv"]
 
 
+@pytest.mark.backend_independent
 def test_writers_replace_files_whole_or_not_at_all(tmp_path, binary_data, monkeypatch):
     report = evaluation.evaluate(identity_model(), dataset(*binary_data))
     path = evaluation.write_per_image_csv(report["per_image"], tmp_path / "per_image.csv")

@@ -27,6 +27,7 @@ def sigmoid_reference(x, kernel=2.0, bias=-1.0):
     return 1.0 / (1.0 + np.exp(-(kernel * x.sum(-1, keepdims=True) + bias)))
 
 
+@pytest.mark.backend_independent
 def test_tiled_prediction_of_a_per_pixel_model_is_exact(rng):
     image = rng.random((2, 64, 64, 1), dtype=np.float32)
     tiled = inference.predict(pixel_model(), image, tile_size=[32], overlap=0.5)
@@ -67,6 +68,7 @@ def test_large_image_with_fixed_size_model(rng):
     assert np.abs(out - inference.predict(twin, image, tile_size=64, overlap=0.25)).max() > 1e-3  # size matters
 
 
+@pytest.mark.backend_independent
 def test_windows_go_through_the_model_in_bounded_batches(rng, monkeypatch):
     sizes = []
     forward = inference._forward
@@ -80,6 +82,7 @@ def test_windows_go_through_the_model_in_bounded_batches(rng, monkeypatch):
     assert max(sizes) == 3 and sum(sizes) > 2 * 3  # many windows, never more than 3 at once
 
 
+@pytest.mark.backend_independent
 def test_padding_path_for_sizes_not_divisible(rng):
     keras.utils.set_random_seed(0)
     model = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4)
@@ -99,6 +102,7 @@ def test_size_divisor_follows_the_graph():
     assert inference.size_divisor(pixel_model()) == 1
 
 
+@pytest.mark.backend_independent
 def test_tta_equals_plain_for_equivariant_model_and_averages_flips(rng):
     image = rng.random((2, 32, 32, 1), dtype=np.float32)
     model = pixel_model()
@@ -114,6 +118,7 @@ def test_tta_equals_plain_for_equivariant_model_and_averages_flips(rng):
     np.testing.assert_allclose(tta, expected, atol=1e-6)
 
 
+@pytest.mark.backend_independent
 def test_predict_argument_errors(rng):
     image = rng.random((1, 32, 32, 1), dtype=np.float32)
     with pytest.raises(ValueError, match="tile_size height 48 differs"):
@@ -129,6 +134,7 @@ def test_predict_argument_errors(rng):
         inference.predict(unet, image, overlap=1.0)
 
 
+@pytest.mark.backend_independent
 def test_as_single_output(tiny_ds_model, images):
     single = pixel_model()
     assert inference.as_single_output(single) is single
@@ -144,6 +150,7 @@ def test_as_single_output(tiny_ds_model, images):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(fast(images)), heads[0], atol=1e-6)
 
 
+@pytest.mark.backend_independent
 def test_labels_from_probabilities():
     binary = np.array([[[[0.2], [0.5]], [[0.7], [0.49]]]], np.float32)
     labels = inference.labels_from_probabilities(binary)
@@ -153,6 +160,7 @@ def test_labels_from_probabilities():
     assert inference.labels_from_probabilities(multi).tolist() == [[[1, 0], [2, 1]]]
 
 
+@pytest.mark.backend_independent
 def test_load_model_round_trip_and_errors(tmp_path, rng):
     model = pixel_model((None, None, 1))
     model.save(tmp_path / "m.keras")
@@ -197,6 +205,7 @@ def _keras_file_cases(folder, rng):
     }
 
 
+@pytest.mark.backend_independent
 def test_broken_keras_files_get_one_clear_error(tmp_path, rng, tiny_ds_model):
     tiny_ds_model.save(tmp_path / "good.keras")
     for name, words in _keras_file_cases(tmp_path, rng).items():
@@ -205,6 +214,7 @@ def test_broken_keras_files_get_one_clear_error(tmp_path, rng, tiny_ds_model):
         assert "\n" not in str(info.value), name
 
 
+@pytest.mark.backend_independent
 def test_safe_mode_loads_our_models_and_refuses_code(tmp_path, images):
     keras.utils.set_random_seed(3)
     ours = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=4, deep_supervision=True, batch_norm=True,
@@ -245,6 +255,7 @@ def rgb_threshold_model(channels=3):
     return pixel_model((None, None, channels), kernel=20.0 / channels, bias=-10.0)
 
 
+@pytest.mark.backend_independent
 def test_predict_files_writes_masks_and_overlays(tmp_path, inputs):
     folder, single = inputs
     out = tmp_path / "out"
@@ -261,6 +272,7 @@ def test_predict_files_writes_masks_and_overlays(tmp_path, inputs):
         assert overlay.shape == (height, width, 3) and overlay.dtype == np.uint8
 
 
+@pytest.mark.backend_independent
 def test_predict_files_multiclass_and_resize(tmp_path, inputs):
     folder, _ = inputs
     model = pixel_model((None, None, 1), classes=3, kernel=[0.0, 10.0, -10.0], bias=[0.0, -4.0, 4.0])
@@ -275,6 +287,7 @@ def test_predict_files_multiclass_and_resize(tmp_path, inputs):
     assert np.all(mask[:, :10] == 1) and np.all(mask[:, 20:] == 2)  # bright -> 1, dark -> 2
 
 
+@pytest.mark.backend_independent
 def test_predict_files_channel_errors_and_missing_inputs_write_nothing(tmp_path, inputs):
     folder, single = inputs
     out = tmp_path / "out"
@@ -291,6 +304,7 @@ def test_predict_files_channel_errors_and_missing_inputs_write_nothing(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.backend_independent
 def test_predict_files_failure_midway_leaves_no_output(tmp_path, inputs, monkeypatch):
     folder, single = inputs
     calls = []
@@ -309,6 +323,7 @@ def test_predict_files_failure_midway_leaves_no_output(tmp_path, inputs, monkeyp
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.backend_independent
 def test_predict_files_rejects_colliding_names(tmp_path, inputs):
     folder, _ = inputs
     half_image(8, 8).save(tmp_path / "a.bmp")
@@ -316,6 +331,7 @@ def test_predict_files_rejects_colliding_names(tmp_path, inputs):
         inference.predict_files(rgb_threshold_model(1), [folder, tmp_path / "a.bmp"], tmp_path / "out")
 
 
+@pytest.mark.backend_independent
 def test_predict_files_refuses_a_damaged_or_bomb_image_before_writing(tmp_path):
     from PIL import Image
 
@@ -329,6 +345,7 @@ def test_predict_files_refuses_a_damaged_or_bomb_image_before_writing(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.backend_independent
 def test_predict_files_reads_a_png_that_only_pil_decodes(tmp_path):
     # Prediction reads with PIL, so the tf.io check of the training pipeline does not apply.
     from PIL import Image

@@ -59,6 +59,7 @@ def manual_blend(model, image, patch, overlap, blend):
     return total / norm[..., None]
 
 
+@pytest.mark.backend_independent
 def test_window_starts_cover_every_voxel_with_the_last_flush():
     assert vi.window_starts(100, 64, 32) == [0, 32, 36]
     assert vi.window_starts(64, 64, 32) == [0]
@@ -71,6 +72,7 @@ def test_window_starts_cover_every_voxel_with_the_last_flush():
         assert max(np.diff(starts), default=0) <= stride
 
 
+@pytest.mark.backend_independent
 def test_importance_weights_follow_sigma_patch_over_8():
     weights = vi.importance_weights(16)
     centre = 7.5
@@ -79,6 +81,7 @@ def test_importance_weights_follow_sigma_patch_over_8():
     np.testing.assert_array_equal(vi.importance_weights(5, "constant"), np.ones(5))
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
 def test_one_window_equals_direct_inference(net3d, rng, blend):
     image = rng.random((8, 16, 12, 1), dtype=np.float32)
@@ -88,6 +91,7 @@ def test_one_window_equals_direct_inference(net3d, rng, blend):
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
+@pytest.mark.backend_independent
 def test_fixed_size_model_uses_its_input_size(rng):
     model = conv3d_model((8, 8, 8, 1), classes=1)
     image = rng.random((8, 8, 8, 1), dtype=np.float32)
@@ -95,6 +99,7 @@ def test_fixed_size_model_uses_its_input_size(rng):
                                atol=1e-6)
 
 
+@pytest.mark.backend_independent
 def test_a_volume_smaller_than_the_patch_is_padded_and_cropped(net3d, rng):
     image = rng.random((5, 12, 7, 1), dtype=np.float32)
     padded = np.pad(image, ((1, 2), (0, 0), (0, 1), (0, 0)), mode="reflect")  # to (8, 12, 8), centred
@@ -109,6 +114,7 @@ def test_a_volume_smaller_than_the_patch_is_padded_and_cropped(net3d, rng):
     assert np.abs(probs - expected).max() < 0.05  # seams differ a little from a whole-volume pass
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
 def test_pointwise_model_tiles_exactly_on_any_volume(rng, blend):
     model = conv3d_model(kernel=1)  # no context: every window predicts each voxel like the whole volume
@@ -117,6 +123,7 @@ def test_pointwise_model_tiles_exactly_on_any_volume(rng, blend):
     np.testing.assert_allclose(probs, model.predict_on_batch(image[None])[0], atol=1e-5)
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
 def test_blending_matches_a_plain_reference_loop(net3d, rng, blend):
     image = rng.random((12, 20, 14, 1), dtype=np.float32)
@@ -143,6 +150,19 @@ def test_deep_supervision_unetpp_runs_in_accurate_mode(rng):
         vi.sliding_window_predict(model, image, patch_size=(6, 8, 8))
 
 
+@pytest.mark.backend_independent
+def test_a_patch_the_graph_rejects_is_named_on_every_backend(rng):
+    inputs = keras.Input((None, None, None, 1))
+    pooled = keras.layers.UpSampling3D(2)(keras.layers.MaxPooling3D(2)(inputs))
+    skip = keras.layers.Concatenate()([inputs, pooled])  # a U-Net skip: odd sides do not come back
+    model = keras.Model(inputs, keras.layers.Conv3D(1, 1, activation="sigmoid")(skip))
+    image = rng.random((8, 8, 8, 1), dtype=np.float32)
+    assert vi.sliding_window_predict(model, image, patch_size=8).shape == (8, 8, 8, 1)
+    with pytest.raises(ValueError, match=r"cannot run on patches of \(5, 8, 8\) voxels.*divisible"):
+        vi.sliding_window_predict(model, image, patch_size=(5, 8, 8))
+
+
+@pytest.mark.backend_independent
 def test_exported_savedmodel_runs_like_the_keras_model(tmp_path, rng):
     from unetpp_tf.runners import SavedModelRunner
 
@@ -153,6 +173,7 @@ def test_exported_savedmodel_runs_like_the_keras_model(tmp_path, rng):
     np.testing.assert_allclose(vi.predict_volume(runner, image), vi.predict_volume(model, image), atol=1e-5)
 
 
+@pytest.mark.backend_independent
 def test_sliding_window_refuses_bad_arguments(net3d, rng):
     image = rng.random((8, 8, 8, 1), dtype=np.float32)
     with pytest.raises(ValueError, match="pass patch_size"):
@@ -171,6 +192,7 @@ def test_sliding_window_refuses_bad_arguments(net3d, rng):
         vi.sliding_window_predict(conv2d_model(1), image, patch_size=8)
 
 
+@pytest.mark.backend_independent
 def test_predict_slices_equals_a_manual_slice_loop(rng):
     image = rng.random((5, 12, 10, 2), dtype=np.float32)
     model = conv2d_model(6)  # 3 slices of 2 channels
@@ -191,6 +213,7 @@ def test_predict_slices_equals_a_manual_slice_loop(rng):
         vi.predict_slices(conv3d_model(), image)
 
 
+@pytest.mark.backend_independent
 def test_predict_volume_dispatches_3d_models_to_sliding_windows(net3d, rng):
     image = rng.random((10, 9, 9, 1), dtype=np.float32)
     np.testing.assert_allclose(
@@ -209,6 +232,7 @@ def identity3d():
     return keras.Model(inputs, keras.layers.Identity()(inputs))
 
 
+@pytest.mark.backend_independent
 def test_predict_scans_writes_masks_on_the_source_geometry(tmp_path, rng):
     data = rng.uniform(-1000, 0, size=(9, 7, 6)).astype(np.float32)  # file axes (i, j, k)
     affine = np.array([[-0.8, 0, 0, 90.0], [0, 0, 2.5, -40.0], [0, 0.7, 0, 12.0], [0, 0, 0, 1]])  # not canonical
@@ -223,6 +247,7 @@ def test_predict_scans_writes_masks_on_the_source_geometry(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(mask.dataobj).astype(int), (data >= -500).astype(int))
 
 
+@pytest.mark.backend_independent
 def test_predict_scans_runs_2d_models_slice_by_slice_on_a_dataset_folder(tmp_path, rng):
     (tmp_path / "ct" / "images").mkdir(parents=True)
     affine = np.diag([0.9, 0.9, 3.0, 1.0])
@@ -241,6 +266,7 @@ def test_predict_scans_runs_2d_models_slice_by_slice_on_a_dataset_folder(tmp_pat
     assert nib.load(tmp_path / "out" / "a_probabilities.nii.gz").shape[:3] == (10, 8, 5)
 
 
+@pytest.mark.backend_independent
 def test_predict_scans_names_every_bad_input_at_once(tmp_path):
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"\x89PNG")

@@ -94,13 +94,14 @@ def evaluate(
         spacing = _check_spacing(spacing, 2, "spacing")
     batches, distances = [], []
     for batch in dataset:
-        images, masks = batch[0], batch[1]
+        # numpy in and out: tf.data gives TensorFlow tensors whatever backend the models run on
+        images, masks = np.asarray(batch[0]), np.asarray(batch[1])
         probs = sum(np.asarray(m.predict_on_batch(images)) for m in models) / len(models)
         counts = confusion_counts(masks, probs, num_classes, threshold, per_sample=True)
         batches.append([keras.ops.convert_to_numpy(c) for c in counts])
         if spacing is not None:
             predicted = labels_from_probabilities(probs, threshold)
-            truth = _truth_labels(keras.ops.convert_to_numpy(masks), num_classes)
+            truth = _truth_labels(masks, num_classes)
             distances.extend(_distances(p, t, num_classes, spacing) for p, t in zip(predicted, truth))
     if not batches:
         raise ValueError("the dataset is empty: no batch to evaluate.")

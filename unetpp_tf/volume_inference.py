@@ -167,12 +167,19 @@ def _patch_size(patch_size, fixed, model) -> tuple:
     return tuple(int(p) for p in patch)
 
 
-def _forward(model, batch: np.ndarray, patch: tuple) -> np.ndarray:
-    import tensorflow as tf
+def _shape_errors() -> tuple:
+    """What running a model on a patch shape its graph rejects raises on the backend Keras runs on."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
+        return ValueError, tf.errors.InvalidArgumentError
+    return ValueError, TypeError  # JAX: concatenating skip connections of different sizes is a TypeError
+
+
+def _forward(model, batch: np.ndarray, patch: tuple) -> np.ndarray:
     try:
         return np.asarray(model.predict_on_batch(batch), np.float32)
-    except (ValueError, tf.errors.InvalidArgumentError) as error:  # a shape the graph rejects
+    except _shape_errors() as error:  # a shape the graph rejects
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"{_describe(model)} cannot run on patches of {patch} voxels ({reason}); give a patch_size whose "
