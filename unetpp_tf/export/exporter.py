@@ -33,6 +33,7 @@ from unetpp_tf.export.parity import (
     timed,
 )
 from unetpp_tf.export.report import REPORT_NAME, artifact_entry, export_report, format_report
+from unetpp_tf.export.tensorflow_process import export_in_tensorflow
 from unetpp_tf.inference import as_single_output, load_model
 from unetpp_tf.models.pruning import INFERENCE_MODES, supervision_heads
 from unetpp_tf.models.preprocessing import model_preprocessing
@@ -69,7 +70,9 @@ def export_model(
     folder beside it and swapped in whole only when everything passed
     (`unetpp_tf.files.staged_directory`): on any error, and at a kill at any instant, the
     folder holds the previous export or the complete new one, never a mix; files in it that
-    the export does not write are kept.
+    the export does not write are kept. On a Keras backend other than TensorFlow (JAX, PyTorch)
+    the export runs in a TensorFlow child process on a saved `.keras` copy of the model and
+    returns the same report (`unetpp_tf.export.tensorflow_process`).
 
     Args:
         model: keras.Model. A UNet++ (deep supervision or not) or any single-output
@@ -143,6 +146,12 @@ def export_model(
             "export_model checks every artifact against the Keras model: pass samples= (or "
             "calibration=), e.g. samples=data.test, an iterable of images or (images, masks) batches."
         )
+    if keras.backend.backend() != "tensorflow":  # conversion traces TensorFlow graphs: a TensorFlow process does it
+        options = dict(formats=list(formats), quantize=list(quantize), image_size=image_size, mode=mode,
+                       level=level, allow_flex=allow_flex, thresholds=thresholds, max_samples=max_samples,
+                       calibration_steps=calibration_steps, num_threads=num_threads)
+        return export_in_tensorflow(model, output_dir, size=size, rank=len(single.input_shape) - 2, channels=channels,
+                                    wants_int8=wants_int8, options=options, calibration=calibration, samples=samples)
 
     output_dir = Path(output_dir).absolute()
     with files.staged_directory(output_dir) as staging:
