@@ -213,3 +213,18 @@ def test_device_augmentation_draws_anew_each_step_and_repeats_for_a_seed():
     assert len({tuple(state) for state in states}) == 3
     assert _noisy_identity_steps(seed=4) == (losses, states)
     assert _noisy_identity_steps(seed=5)[0] != losses
+
+
+@pytest.mark.backend_independent
+def test_inside_tf_data_the_host_path_needs_its_seed_off_tensorflow():
+    images, masks = _shapes(batch=2, size=32)
+    augmenter = SegmentationAugmenter(noise=0.05, seed=0)
+    batches = tf.data.Dataset.from_tensors((images, masks))
+    seeded = batches.map(lambda x, y: augmenter(x, y, training=True, seed=tf.constant([1, 2])))
+    assert np.asarray(seeded.get_single_element()[0]).shape == images.shape  # TensorFlow ops on every backend
+    if keras.backend.backend() == "tensorflow":  # the seed generator is a TensorFlow variable there
+        unseeded = batches.map(lambda x, y: augmenter(x, y, training=True))
+        assert not np.allclose(np.asarray(unseeded.get_single_element()[0]), images)
+    else:
+        with pytest.raises(ValueError, match="inside tf.data on the .* backend needs seed="):
+            batches.map(lambda x, y: augmenter(x, y, training=True))
