@@ -6,6 +6,8 @@ import pytest
 
 from unetpp_tf import losses, metrics
 
+pytestmark = pytest.mark.backend_independent
+
 CLASSES = [metrics.Dice, metrics.IoU, metrics.Precision, metrics.Recall, metrics.F1Score,
            metrics.PixelAccuracy]
 KEYS = {metrics.Dice: "dice", metrics.IoU: "iou", metrics.Precision: "precision",

@@ -6,24 +6,32 @@ import pytest
 
 import unetpp_tf
 from unetpp_tf.models import ConcatConv2D, supervision_heads
+from test_encoders import shapes_only
+
+independent = pytest.mark.backend_independent
 
 
 @pytest.fixture(scope="module")
 def paper_ds():
-    return unetpp_tf.from_preset("paper", input_shape=(None, None, 1), deep_supervision=True)
+    with shapes_only():  # counts and configuration only: no random values for 9M weights
+        return unetpp_tf.from_preset("paper", input_shape=(None, None, 1), deep_supervision=True)
 
 
+@independent
 def test_paper_parameter_counts(paper_ds):
-    assert unetpp_tf.from_preset("paper").count_params() == 9_041_601
-    assert unetpp_tf.from_preset("paper", arch="unet").count_params() == 7_759_521
+    with shapes_only():
+        assert unetpp_tf.from_preset("paper").count_params() == 9_041_601
+        assert unetpp_tf.from_preset("paper", arch="unet").count_params() == 7_759_521
     assert paper_ds.count_params() == 9_041_700
 
 
+@independent
 @pytest.mark.parametrize("level, params", [(1, 100_961), (2, 511_105), (3, 2_204_961), (4, 9_041_601)])
 def test_paper_pruned_parameter_counts(paper_ds, level, params):
     assert unetpp_tf.prune(paper_ds, level).count_params() == params
 
 
+@independent
 def test_paper_layers_match_official_configuration(paper_ds):
     conv = paper_ds.get_layer("x_2_1_conv1")
     assert conv.kernel_size == (3, 3) and conv.use_bias
@@ -42,9 +50,11 @@ def _merging_convs(model) -> dict:
     return {layer.name: layer for layer in model.layers if isinstance(layer, ConcatConv2D)}
 
 
+@independent
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
 def test_unetpp_nested_skips(depth):
-    model = unetpp_tf.build_unetpp((None, None, 1), depth=depth, filters=2)
+    with shapes_only():
+        model = unetpp_tf.build_unetpp((None, None, 1), depth=depth, filters=2)
     merges = _merging_convs(model)
     assert len(merges) == depth * (depth + 1) // 2
     assert not any(isinstance(layer, keras.layers.Concatenate) for layer in model.layers)  # never materialised
@@ -57,8 +67,10 @@ def test_unetpp_nested_skips(depth):
             assert merges[f"x_{i}_{j}_conv1"].kernel.shape[2] == 2 * 2**i * (j + 1)  # one kernel over all parts
 
 
+@independent
 def test_unet_has_only_plain_skips():
-    model = unetpp_tf.build_unet((None, None, 1), depth=3, filters=2)
+    with shapes_only():
+        model = unetpp_tf.build_unet((None, None, 1), depth=3, filters=2)
     merges = _merging_convs(model)
     assert sorted(merges) == ["x_0_3_conv1", "x_1_2_conv1", "x_2_1_conv1"]
     for name, layer in merges.items():
@@ -81,11 +93,14 @@ def test_output_shapes(arch, depth, size, channels, classes):
         assert np.all((out > 0) & (out < 1))
 
 
+@independent
 def test_fixed_input_shape_is_static():
-    model = unetpp_tf.build_unetpp((32, 64, 3), num_classes=2, depth=2, filters=4)
+    with shapes_only():
+        model = unetpp_tf.build_unetpp((32, 64, 3), num_classes=2, depth=2, filters=4)
     assert tuple(model.output.shape) == (None, 32, 64, 2)
 
 
+@independent
 def test_deep_supervision_heads(tiny_ds_model, images):
     assert tiny_ds_model.output_names == ["output_1", "output_2"]
     assert all(supervision_heads(tiny_ds_model)[j].output is tiny_ds_model.outputs[j - 1] for j in (1, 2))
@@ -95,6 +110,7 @@ def test_deep_supervision_heads(tiny_ds_model, images):
     assert not np.allclose(outs[0], outs[1])  # different heads, different maps
 
 
+@independent
 def test_pruned_output_equals_full_head_and_shares_weights(tiny_ds_model, images):
     full = tiny_ds_model.predict(images, verbose=0)
     for level in (1, 2):
@@ -112,6 +128,7 @@ def test_pruned_output_equals_full_head_and_shares_weights(tiny_ds_model, images
     assert not np.allclose(pruned.predict(images, verbose=0), full[0], atol=1e-4)
 
 
+@independent
 def test_inference_modes(tiny_ds_model, images):
     heads = tiny_ds_model.predict(images, verbose=0)
     accurate = unetpp_tf.inference_model(tiny_ds_model, "accurate")
@@ -122,6 +139,7 @@ def test_inference_modes(tiny_ds_model, images):
     np.testing.assert_allclose(deepest.predict(images, verbose=0), heads[1], atol=1e-6)
 
 
+@independent
 def test_pruned_model_saves_and_loads(tiny_ds_model, images, tmp_path):
     pruned = unetpp_tf.prune(tiny_ds_model, 1)
     path = tmp_path / "pruned.keras"
@@ -131,6 +149,7 @@ def test_pruned_model_saves_and_loads(tiny_ds_model, images, tmp_path):
     np.testing.assert_allclose(loaded.predict(images, verbose=0), pruned.predict(images, verbose=0), atol=1e-6)
 
 
+@independent
 def test_config_round_trip(images):
     keras.utils.set_random_seed(3)
     model = unetpp_tf.build_unetpp((32, 32, 1), num_classes=3, depth=2, filters=4, dropout=0.1, l2=1e-3)
@@ -139,6 +158,7 @@ def test_config_round_trip(images):
     np.testing.assert_allclose(clone.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
 
+@independent
 def test_logits_output_matches_activation(images):
     keras.utils.set_random_seed(4)
     probs = unetpp_tf.build_unetpp((32, 32, 1), num_classes=3, depth=2, filters=4)
@@ -150,6 +170,7 @@ def test_logits_output_matches_activation(images):
     assert z.min() < 0  # raw scores, not probabilities
 
 
+@independent
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_resize_upsampling(mode):
     model = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, upsampling=mode)
@@ -159,13 +180,16 @@ def test_resize_upsampling(mode):
     assert model.predict(np.zeros((1, 32, 32, 1)), verbose=0).shape == (1, 32, 32, 1)
 
 
+@independent
 def test_widths_batch_norm_and_multiplier():
-    model = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=(3, 5, 7), width_multiplier=2.0)
+    with shapes_only():
+        model = unetpp_tf.build_unetpp((None, None, 1), depth=2, filters=(3, 5, 7), width_multiplier=2.0)
     assert [model.get_layer(f"x_{i}_0_conv1").filters for i in range(3)] == [6, 10, 14]
     assert not model.get_layer("x_0_0_conv1").use_bias
     assert isinstance(model.get_layer("x_0_0_bn1"), keras.layers.BatchNormalization)
 
 
+@independent
 def test_mixed_precision_outputs_float32():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -177,6 +201,7 @@ def test_mixed_precision_outputs_float32():
         keras.mixed_precision.set_global_policy("float32")
 
 
+@independent
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -198,6 +223,7 @@ def test_bad_arguments(kwargs, message):
     assert message in str(info.value)
 
 
+@independent
 def test_bad_prune_and_mode_arguments(tiny_ds_model):
     for level in (0, 3, 1.5):
         with pytest.raises(ValueError, match=r"prune level must be an integer in 1\.\.2"):

@@ -5,6 +5,8 @@ import pytest
 
 from unetpp_tf.surface_distance import average_surface_distance, hausdorff_distance, surface, surface_distances
 
+pytestmark = pytest.mark.backend_independent
+
 
 def brute_force_surface(mask):
     """Mask voxels with a face neighbour outside the mask (outside the array counts as outside)."""

@@ -4,10 +4,10 @@ Opt-in and version-guarded: `unetpp_tf.models.recompute` imports this module onl
 training call of a `RecomputedModel` under a Keras (and, on that backend, TensorFlow)
 version it was tested with (`recompute.TESTED_KERAS`, `recompute.TESTED_TENSORFLOW`). It
 walks the functional graph through Keras' own node structures (`_nodes_by_depth`,
-`Node.arguments`, as `Functional.call` does) and reads variables without autocasting
-(`AutocastScope`): that is not public API, which is why nothing on the default path imports
-it. TensorFlow and JAX themselves are used through public APIs only (`tf.custom_gradient`,
-`jax.checkpoint`), each imported only on its own backend.
+`Node.arguments`, as `Functional.call` does): that is not public API, which is why nothing
+on the default path imports it. Keras, TensorFlow and JAX themselves are used through public
+APIs only (`keras.StatelessScope`, `tf.custom_gradient`, `jax.checkpoint`), each backend's
+imported only on that backend.
 
 On JAX each segment is a pure function of its inputs, the values of its layers' variables
 and its dropout seeds, run under `jax.checkpoint` (which keeps only those arguments for the
@@ -250,7 +250,6 @@ def _checkpointed_jax(segment: _Segment, seeds: dict):
     results and are assigned here, outside the checkpoint, so no traced value escapes it.
     """
     import jax
-    from keras.src.backend.common.variables import AutocastScope
 
     variables = _segment_variables(segment)
     updated = [v for v in variables if not v.trainable]
@@ -263,8 +262,9 @@ def _checkpointed_jax(segment: _Segment, seeds: dict):
         return [tensors[id(t)] for t in segment.outputs], [scope.get_current_value(v) for v in updated]
 
     def run(*inputs):
-        with AutocastScope(None):  # the stored values; each layer casts them as its call does
-            values = [v.value for v in variables]
+        # Under a mixed-precision policy these reads are cast to the compute dtype and the scope
+        # casts them back: the layers cast them down again, so they compute with the same values.
+        values = [v.value for v in variables]
         outputs, new_values = jax.checkpoint(pure)(values, [seeds[k] for k in seed_keys], list(inputs))
         for variable, value in zip(updated, new_values):
             variable.assign(value)

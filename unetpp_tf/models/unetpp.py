@@ -385,8 +385,9 @@ def build_unetpp(
             Defaults to 1.0.
         recompute: bool. Train with recomputation: keep only the node outputs for the
             backward pass and run each node's forward again there, for much less
-            training memory at about 0.8x the speed (`unetpp_tf.models.recompute`). It relies
-            on Keras internals, so outside the tested Keras and TensorFlow versions the plain
+            training memory at about 0.8x the speed (`unetpp_tf.models.recompute`; on JAX
+            each node runs under `jax.checkpoint`). It relies on Keras internals, so outside
+            the tested versions, and on backends other than TensorFlow and JAX, the plain
             model comes back with a warning. Inference and saved models are unaffected.
             Defaults to False.
         preprocessing: dict, InputPreprocessing or None. Intensity normalization inside
