@@ -8,8 +8,6 @@ import tensorflow as tf
 from unetpp_tf.data import AugmentedModel
 from unetpp_tf.data.augment3d import VolumeAugmenter
 
-pytestmark = pytest.mark.backend_independent  # keras.ops maths and a jitted 3D train step
-
 
 def _blocks(batch=4, shape=(6, 16, 16), seed=0):
     """Volumes of flat-valued boxes (levels 0.1 / 0.5 / 0.9) and the labels 0 / 1 / 2 derived from them."""
@@ -64,6 +62,7 @@ def test_a_single_flip_axis_flips_along_that_axis_only(axis, rng):
     assert all(f != k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
 
 
+@pytest.mark.backend_independent  # keras.ops maths or a jitted 3D train step
 def test_rotation_and_zoom_keep_labels_integer_and_aligned():
     images, labels = _blocks()
     augmenter = VolumeAugmenter(rotation=0.05, zoom=0.15, seed=3)
@@ -96,6 +95,7 @@ def test_same_seed_same_output_and_photometric_changes_touch_images_only():
     assert np.abs(out_images - images).mean() > 0.01 and out_images.min() >= 0.0 and out_images.max() <= 1.0
 
 
+@pytest.mark.backend_independent  # keras.ops maths or a jitted 3D train step
 def test_identity_at_zero_strength_and_at_inference(rng):
     images = rng.random((2, 4, 8, 12, 1)).astype(np.float32)
     labels = rng.integers(0, 3, (2, 4, 8, 12)).astype(np.int32)
@@ -105,6 +105,7 @@ def test_identity_at_zero_strength_and_at_inference(rng):
         np.testing.assert_array_equal(np.asarray(out_labels), labels)
 
 
+@pytest.mark.backend_independent  # keras.ops maths or a jitted 3D train step
 def test_bad_settings_and_inputs_are_named(rng):
     with pytest.raises(ValueError, match="rotation"):
         VolumeAugmenter(rotation=-0.1)
@@ -128,6 +129,7 @@ def test_config_round_trip_gives_the_same_draws():
     )
 
 
+@pytest.mark.backend_independent  # keras.ops maths or a jitted 3D train step
 def test_augmented_model_trains_a_3d_model_under_xla_with_the_volume_augmenter():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 16, 16, 1))

@@ -1005,6 +1005,10 @@ def _fit(config: TrainConfig, data: SegmentationData, run: Path, resume: bool, e
         # random crops and host augmentation continue where they stopped.
         phase_train = train_set if first == start else _fresh_train_set(config, data, replicas)
         stream = _worker_part(targets_per_head(phase_train.repeat().skip(first * steps), model), cluster)
+        if keras.backend.backend() == "jax":
+            # Keras' JAX fit builds freshly compiled metrics from the first batch of the stream and does not
+            # train on that batch, so a resumed run would lose another one: build them on a validation batch
+            trainer.evaluate(val_set.take(1), verbose=0)
         trainer.fit(
             stream, validation_data=val_set, epochs=phase.end_epoch, initial_epoch=first, steps_per_epoch=steps,
             callbacks=callbacks, verbose=verbose, shuffle=False,

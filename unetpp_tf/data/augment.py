@@ -21,10 +21,9 @@ The layer is used in one of two places:
 - on the host, in tf.data: pass `augment=augmenter` to a data source. Each batch then comes
   with its own seed from the pipeline (`unetpp_tf.data.pipeline.finalize`) and every draw is a
   stateless function of that seed (`tf.random.stateless_*`), so the augmented batches are the
-  same for the same pipeline seed however many batches tf.data augments in parallel. tf.data
-  runs TensorFlow whatever backend Keras runs on, so this path computes with Keras'
-  TensorFlow backend functions (`_TensorFlowOps`) on every backend, as Keras' own
-  preprocessing layers do inside tf.data.
+  same for the same pipeline seed however many batches tf.data augments in parallel. This
+  path needs Keras' TensorFlow backend (keras.ops on JAX cannot compute on tf.data's
+  tensors; it is refused there with a clear error): on JAX augment on the device.
 """
 
 from __future__ import annotations
@@ -32,10 +31,8 @@ from __future__ import annotations
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
-from keras.src.utils import backend_utils
 
 
 def _gaussian_taps(sigma: float):
@@ -79,31 +76,6 @@ def _intensity_range(images, ops=ops):
     return low, ops.max(images, axis=(1, 2, 3), keepdims=True) - low
 
 
-class _TensorFlowOps:
-    """The `keras.ops` functions the augmenters use, from Keras' TensorFlow backend on any backend.
-
-    Inside tf.data the tensors are TensorFlow's whatever backend Keras runs on; `keras.ops`
-    would hand them to that backend (jax.numpy cannot take a symbolic tf.Tensor).
-    """
-
-    _CORE = ("cast", "convert_to_tensor", "shape")
-
-    def __init__(self):
-        self.backend = backend_utils.DynamicBackend("tensorflow")
-
-    def __getattr__(self, name):
-        if name in self._CORE:
-            return getattr(self.backend, name)
-        if name == "depthwise_conv":
-            return self.backend.nn.depthwise_conv
-        if name == "image":
-            return self.backend.image
-        return getattr(self.backend.numpy, name)
-
-
-_TF_OPS = _TensorFlowOps()
-
-
 class _GeneratorDraws:
     """Random draws from a `keras.random.SeedGenerator`: new values on every call (any backend)."""
 
@@ -122,7 +94,7 @@ class _GeneratorDraws:
 class _StatelessDraws:
     """Random draws that are a pure function of a seed tensor [2]: the k-th draw uses fold_in(seed, k)."""
 
-    ops = _TF_OPS  # TensorFlow tensors (tf.data) on every backend
+    ops = ops  # inside tf.data: the TensorFlow backend (the host path needs it)
 
     def __init__(self, seed):
         self.seed = tf.cast(seed, tf.int64)
@@ -173,20 +145,13 @@ class JointAugmenter(keras.layers.Layer):
         return _StatelessDraws(seed)
 
     def __call__(self, images, masks, training=True, seed=None, **kwargs):
-        if keras.backend.backend() == "tensorflow" or (seed is None and not backend_utils.in_tf_graph()):
-            return super().__call__(images, masks, training=training, seed=seed, **kwargs)
-        if seed is None:
+        if keras.backend.backend() != "tensorflow" and (seed is not None or tf.is_symbolic_tensor(images)):
             raise ValueError(
-                f"{type(self).__name__} inside tf.data on the {keras.backend.backend()} backend needs seed= (an "
-                "integer tensor of shape [2] per batch, as unetpp_tf.data.pipeline.augmented gives each batch); "
-                "or augment on the device with AugmentedModel."
+                f"{type(self).__name__} in tf.data (augment on the host) needs Keras' TensorFlow backend, but Keras "
+                f"runs on {keras.backend.backend()}: keras.ops cannot compute on tf.data's tensors there. Augment on "
+                "the device instead (--augment device, AugmentedModel), which runs on every backend."
             )
-        # The host path on another backend: TensorFlow tensors in and out. Layer.__call__ would convert
-        # them to the backend's tensors (it cannot: they are symbolic inside tf.data), and the layer
-        # has no weights to build, so `call` runs directly.
-        images, masks, seed = (t if tf.is_tensor(t) else tf.convert_to_tensor(np.asarray(t))
-                               for t in (images, masks, seed))
-        return self.call(images, masks, training=training, seed=seed)
+        return super().__call__(images, masks, training=training, seed=seed, **kwargs)
 
     def call(self, images, masks, training=True, seed=None):
         if not training:
@@ -393,6 +358,7 @@ class AugmentedModel(keras.Model):
         super().__init__(**kwargs)
         self.model = model
         self.augmenter = augmenter
+        augmenter.build()  # no weights: built now, so fit does not take a training batch to build it (JAX)
         if hasattr(model, "output_names"):  # functional models: losses and metrics keyed per head
             self.output_names = model.output_names
         self.built = model.built  # the weights are the wrapped model's
