@@ -141,3 +141,36 @@ def test_summary_of_encoder_models(capsys):
     assert main(["summary", "--arch", "deeplabv3plus", "--encoder", "mobilenetv3small", "--input-size", "32"]) == 0
     expected = unetpp_tf.build_deeplabv3plus((32, 32, 1), encoder="mobilenetv3small").count_params()
     assert f"deeplabv3plus: {expected:,} parameters, 1 output(s)" in capsys.readouterr().out
+
+
+def test_backend_flag_starts_the_command_again_on_that_backend():
+    result = subprocess.run(
+        [sys.executable, "-m", "unetpp_tf", "summary", "--backend", "jax", "--depth", "1", "--filters", "2",
+         "--input-size", "16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "parameters, 1 output(s) (Keras backend: jax)" in result.stdout
+
+
+def test_backend_flag_errors_are_one_line(capsys):
+    # in a Python process Keras' backend is fixed: main() cannot switch it and says how to
+    assert main(["summary", "--backend", "jax", "--depth", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend jax: Keras already runs on tensorflow" in err
+    assert "KERAS_BACKEND=jax" in err
+    result = subprocess.run([sys.executable, "-m", "unetpp_tf", "summary", "--backend", "torch"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "argument --backend: invalid choice: 'torch'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_multi_worker_settings_that_cannot_work_are_one_line(capsys, tmp_path):
+    base = ["train", "--output-dir", str(tmp_path), "--epochs", "1"]
+    assert main([*base, "--strategy", "multi-worker", "--name", "x"]) == 2
+    assert "--strategy multi-worker runs on the JAX backend" in capsys.readouterr().err
+    assert main([*base, "--strategy", "multi-worker"]) == 2
+    assert "--strategy multi-worker needs --name" in capsys.readouterr().err
+    assert main([*base, "--strategy", "multi-worker", "--name", "x", "--folds", "3"]) == 2
+    assert "--folds with --strategy multi-worker is not supported" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

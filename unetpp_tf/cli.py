@@ -367,6 +367,8 @@ def _spatial_size(size) -> tuple | None:
 
 
 def _summary(args) -> int:
+    import keras
+
     from unetpp_tf.models import build_model, from_preset
 
     size = _spatial_size(args.input_size) or (None, None)
@@ -381,7 +383,8 @@ def _summary(args) -> int:
         options["deep_supervision"] = True
     model = from_preset(args.preset, arch=args.arch, **options) if args.preset else build_model(args.arch, **options)
     model.summary(line_length=110, print_fn=lambda line, **_: print(line))
-    print(f"{model.name}: {model.count_params():,} parameters, {len(model.outputs)} output(s)")
+    print(f"{model.name}: {model.count_params():,} parameters, {len(model.outputs)} output(s) "
+          f"(Keras backend: {keras.backend.backend()})")
     return 0
 
 
@@ -416,10 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--backend", choices=BACKENDS,
                         help="Keras backend to run on (default: KERAS_BACKEND, else tensorflow)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
-    train = sub.add_parser("train", help="train a model and write a run directory")
+    train = sub.add_parser("train", parents=[common], help="train a model and write a run directory")
     train.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted (or killed) run from its last finished epoch, same settings")
@@ -428,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(run=_train)
 
-    evaluate = sub.add_parser("evaluate", help="score a model (or an ensemble) on a data split")
+    evaluate = sub.add_parser("evaluate", parents=[common], help="score a model (or an ensemble) on a data split")
     evaluate.add_argument("--model", required=True, nargs="+", help="model file(s) or run dir(s); several = ensemble")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -438,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     predict = sub.add_parser(
-        "predict", help="segment image files into mask PNGs, or scans (NIfTI files, DICOM folders) into NIfTI masks"
+        "predict", parents=[common],
+        help="segment image files into mask PNGs, or scans (NIfTI files, DICOM folders) into NIfTI masks",
     )
     predict.add_argument("--model", required=True, help="model file or run directory")
     predict.add_argument("inputs", nargs="+", help="image files and/or folders, or NIfTI files / DICOM series folders")
@@ -451,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(predict)
     predict.set_defaults(run=_predict)
 
-    export = sub.add_parser("export", help="export SavedModel / TFLite with a parity report")
+    export = sub.add_parser("export", parents=[common], help="export SavedModel / TFLite with a parity report")
     export.add_argument("--model", required=True, help="model file or run directory")
     export.add_argument("--output", required=True, help="folder for the artifacts")
     export.add_argument("--saved-model", action="store_true", help="write a SavedModel (uint8 serving signature)")
@@ -462,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_flags(export)
     export.set_defaults(run=_export)
 
-    summary = sub.add_parser("summary", help="build a model and print its layers and parameter count")
+    summary = sub.add_parser("summary", parents=[common], help="build a model and print its layers and parameter count")
     summary.add_argument("--arch", choices=CHOICES["arch"], default="unetpp", help="model architecture")
     summary.add_argument("--encoder", help="pretrained backbone from unetpp_tf.models.ENCODERS (random weights)")
     summary.add_argument("--preset", choices=("paper",), help="start from a named configuration")

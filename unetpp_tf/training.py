@@ -88,8 +88,8 @@ logger = logging.getLogger(__name__)
 SPLITS_FILE = "splits.json"
 CONFIG_FILE = "config.json"
 BACKUP_DIR = "backup"
-# Settings a resumed run may change: where the run is, and what is exported at the end.
-# where the run is, what it exports, and where its workers are (a resumed run may use other machines)
+# Settings a resumed run may change: where the run is, what is exported at the end, and where its
+# workers are (a multi-worker run may resume on other machines, or on another number of them)
 RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "coordinator", "num_processes",
                "process_id", "init_timeout")
 CLUSTER_FIELDS = ("coordinator", "num_processes", "process_id", "init_timeout")
@@ -756,6 +756,9 @@ def train(
         >>> run_dir, history = unetpp_tf.train({"epochs": 5, "filters": 8})
     """
     config = as_config(config)
+    if config.folds and config.strategy == "multi-worker":
+        raise ValueError("--folds with --strategy multi-worker is not supported: train the folds on one machine, "
+                         "or one run without --folds across the workers.")
     if config.folds:
         from unetpp_tf.crossval import train_folds  # deferred: crossval builds on this module
 
@@ -792,7 +795,7 @@ def _join_workers(config: TrainConfig) -> distributed.Cluster:
         )
     distributed.check_backend(config.strategy)
     cluster = distributed.Cluster.from_settings(config.coordinator, config.num_processes, config.process_id)
-    shared = {k: v for k, v in config.to_dict().items() if k not in ("process_id", "init_timeout", "coordinator")}
+    shared = {k: v for k, v in config.to_dict().items() if k not in CLUSTER_FIELDS}  # what all must agree on
     distributed.start(cluster, config.batch_size, settings=shared, timeout=config.init_timeout)
     if cluster.process_id is None:  # detected by JAX (SLURM, Open MPI)
         import jax
