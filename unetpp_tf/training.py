@@ -764,9 +764,13 @@ def train(
 
         return train_folds(config, resume=resume, overwrite=overwrite, callbacks=callbacks, verbose=verbose)
     cluster = _join_workers(config) if config.strategy == "multi-worker" else None
-    if cluster and not cluster.is_chief:
-        return _train_as_worker(config, cluster, resume, list(callbacks or []), verbose)
-    run = prepare_run_dir(config, resume, overwrite)
+    reader = cluster is not None and not cluster.is_chief  # a worker that reads the chief's run directory
+    if reader:
+        run = Path(config.output_dir) / config.name
+        if resume and not run.exists():
+            raise FileNotFoundError(f"cannot resume: run directory {run} does not exist (workers read the chief's).")
+    else:
+        run = prepare_run_dir(config, resume, overwrite)
     config.check_training_size()
     if not (resume and (run / BACKUP_DIR).exists()):  # a resumed run takes its weights from the backup
         check_encoder_weights(config)
@@ -778,11 +782,19 @@ def train(
         )
     if resume and splits is None and (run / SPLITS_FILE).exists():
         splits = read_splits(run)
-    with training_policy(config):
-        data = load_data(config, splits=splits)
-        history = _fit(config, data, run, resume, list(callbacks or []), verbose, cluster=cluster)
-    if cluster:
-        _all_workers_done()
+    # the other workers write what the training loop writes (history, checkpoints, backup) into a scratch
+    # folder deleted afterwards; the chief alone writes the run directory, scores and exports
+    writes = Path(tempfile.mkdtemp(prefix=f"unetpp-worker{cluster.process_id}-")) if reader else run
+    try:
+        with training_policy(config):
+            data = load_data(config, splits=splits)
+            history = _fit(config, data, writes, resume, list(callbacks or []), verbose, cluster=cluster,
+                           resume_from=run)
+        if cluster:
+            _all_workers_done()
+    finally:
+        if reader:
+            shutil.rmtree(writes, ignore_errors=True)
     return run, history
 
 
@@ -802,27 +814,6 @@ def _join_workers(config: TrainConfig) -> distributed.Cluster:
 
         cluster = dataclasses.replace(cluster, num_processes=jax.process_count(), process_id=jax.process_index())
     return cluster
-
-
-def _train_as_worker(config: TrainConfig, cluster: distributed.Cluster, resume: bool, callbacks: list, verbose):
-    """A worker other than the chief: train in step with it, read its run directory, write nothing there.
-
-    What the training loop writes (history, checkpoints, the backup) goes to a scratch folder
-    that is deleted afterwards; the chief scores the best model and exports it.
-    """
-    run = Path(config.output_dir) / config.name
-    if resume and not run.exists():
-        raise FileNotFoundError(f"cannot resume: run directory {run} does not exist (workers read the chief's).")
-    splits = read_splits(run) if resume and (run / SPLITS_FILE).exists() else None
-    scratch = Path(tempfile.mkdtemp(prefix=f"unetpp-worker{cluster.process_id}-"))
-    try:
-        with training_policy(config):
-            data = load_data(config, splits=splits)
-            history = _fit(config, data, scratch, resume, callbacks, verbose, cluster=cluster, resume_from=run)
-        _all_workers_done()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return run, history
 
 
 def _all_workers_done() -> None:

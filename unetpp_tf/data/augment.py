@@ -41,7 +41,7 @@ def _gaussian_taps(sigma: float):
     return [t / sum(taps) for t in taps]
 
 
-def _reflect(coords, size, ops=ops):
+def _reflect(coords, size):
     """Mirror float pixel coordinates into [0, size - 1] (reflect padding)."""
     last = ops.cast(size - 1, "float32")
     period = 2.0 * ops.maximum(last, 1.0)
@@ -49,7 +49,7 @@ def _reflect(coords, size, ops=ops):
     return ops.where(coords > last, period - coords, coords)
 
 
-def _sample(x, rows, cols, *, bilinear: bool, ops=ops):
+def _sample(x, rows, cols, *, bilinear: bool):
     """Resample x [B, H, W, C] at float pixel positions rows/cols [B, H, W] (in range)."""
     shape = ops.shape(x)
     batch, height, width = shape[0], shape[1], shape[2]
@@ -70,7 +70,7 @@ def _sample(x, rows, cols, *, bilinear: bool, ops=ops):
     return top * (1 - wr) + bottom * wr
 
 
-def _intensity_range(images, ops=ops):
+def _intensity_range(images):
     """(min, max - min) of each image [B, H, W, C], shaped [B, 1, 1, 1]."""
     low = ops.min(images, axis=(1, 2, 3), keepdims=True)
     return low, ops.max(images, axis=(1, 2, 3), keepdims=True) - low
@@ -78,8 +78,6 @@ def _intensity_range(images, ops=ops):
 
 class _GeneratorDraws:
     """Random draws from a `keras.random.SeedGenerator`: new values on every call (any backend)."""
-
-    ops = ops  # computed with the backend Keras runs on
 
     def __init__(self, generator):
         self.generator = generator
@@ -93,8 +91,6 @@ class _GeneratorDraws:
 
 class _StatelessDraws:
     """Random draws that are a pure function of a seed tensor [2]: the k-th draw uses fold_in(seed, k)."""
-
-    ops = ops  # inside tf.data: the TensorFlow backend (the host path needs it)
 
     def __init__(self, seed):
         self.seed = tf.cast(seed, tf.int64)
@@ -162,7 +158,6 @@ class JointAugmenter(keras.layers.Layer):
                 "use SegmentationAugmenter for 2D (and 2.5D) batches and VolumeAugmenter for volumes."
             )
         draws = self._draws(seed)
-        ops = draws.ops
         mask_dtype = masks.dtype
         squeeze = len(masks.shape) == self.spatial_rank + 1
         images = ops.cast(images, "float32")
@@ -191,8 +186,7 @@ class SegmentationAugmenter(JointAugmenter):
     Randomness: without `seed=` in the call, the draws come from the layer's seed generator
     (seeded with `seed`), new on every call. With `seed=` (an integer tensor of shape [2], as
     the host pipeline gives each batch), the draws are a pure function of that seed and of
-    the layer's `seed` setting: the same call gives the same batch, computed with TensorFlow
-    ops on every Keras backend (tf.data is TensorFlow).
+    the layer's `seed` setting: the same call gives the same batch (TensorFlow backend).
 
     Args:
         flip: bool. Random horizontal and vertical flips. Defaults to True.
@@ -252,7 +246,7 @@ class SegmentationAugmenter(JointAugmenter):
 
     def _sampling_map(self, images, draws):
         """Source pixel positions (rows, cols) [B, H, W] for all geometric transforms at once."""
-        s, ops = self.settings, draws.ops
+        s = self.settings
 
         def uniform(low, high):
             return draws.uniform((batch, 1, 1, 1), low, high)[..., 0]
@@ -292,23 +286,23 @@ class SegmentationAugmenter(JointAugmenter):
             coarse = draws.normal((batch, 6, 6, 2))
             field = ops.image.resize(coarse, (height, width), interpolation="bicubic") * s["elastic"]
             rows, cols = rows + field[..., 0], cols + field[..., 1]
-        return _reflect(rows, height, ops), _reflect(cols, width, ops)
+        return _reflect(rows, height), _reflect(cols, width)
 
     def _photometric(self, images, draws):
-        s, ops = self.settings, draws.ops
+        s = self.settings
         batch = ops.shape(images)[0]
 
         def uniform(low, high):
             return draws.uniform((batch, 1, 1, 1), low, high)
 
-        _, spread = _intensity_range(images, ops)
+        _, spread = _intensity_range(images)
         if s["brightness"]:
             images = images + uniform(-s["brightness"], s["brightness"]) * spread
         if s["contrast"]:
             mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
             images = (images - mean) * uniform(1 - s["contrast"], 1 + s["contrast"]) + mean
         if s["gamma"]:
-            now_low, now_spread = _intensity_range(images, ops)
+            now_low, now_spread = _intensity_range(images)
             unit = (images - now_low) / ops.maximum(now_spread, 1e-12)
             images = unit ** ops.exp(uniform(-s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
@@ -329,8 +323,7 @@ class SegmentationAugmenter(JointAugmenter):
 
     def _move(self, images, masks, draws):
         rows, cols = self._sampling_map(images, draws)
-        return (_sample(images, rows, cols, bilinear=True, ops=draws.ops),
-                _sample(masks, rows, cols, bilinear=False, ops=draws.ops))
+        return _sample(images, rows, cols, bilinear=True), _sample(masks, rows, cols, bilinear=False)
 
 
 @keras.saving.register_keras_serializable(package="unetpp_tf")

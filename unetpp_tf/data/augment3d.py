@@ -3,7 +3,7 @@
 The 3D counterpart of `SegmentationAugmenter`, with the same call signature and seeding model,
 so `AugmentedModel(model, VolumeAugmenter(...))` trains a 3D model with the augmentation on the
 device (on TensorFlow, JAX or PyTorch), and `from_volumes(..., augment=VolumeAugmenter(...))` runs
-it on the host instead (TensorFlow ops inside tf.data, whatever the backend).
+it on the host instead (TensorFlow backend only).
 
 Geometric transforms: a random flip along each axis (z, y, x), random in-plane quarter turns,
 a small in-plane rotation and an in-plane scale (zoom). CT and MRI are often anisotropic
@@ -29,7 +29,7 @@ from unetpp_tf.data.augment import JointAugmenter, _GeneratorDraws, _intensity_r
 _AXES = (0, 1, 2)  # z, y, x of a [D, H, W] patch
 
 
-def _sample3d(x, depth_index, rows, cols, *, bilinear: bool, ops=ops):
+def _sample3d(x, depth_index, rows, cols, *, bilinear: bool):
     """Resample x [B, D, H, W, C] at whole slices depth_index [B, D] and in-plane rows/cols [B, H, W]."""
     shape = ops.shape(x)
     batch, depth, height, width = shape[0], shape[1], shape[2], shape[3]
@@ -63,7 +63,7 @@ class VolumeAugmenter(JointAugmenter):
     Randomness, as in `SegmentationAugmenter`: without `seed=` in the call the draws come from
     the layer's seed generator (seeded with `seed`), new on every call; with `seed=` (an integer
     tensor of shape [2], as the host pipeline gives each batch) they are a pure function of that
-    seed and of the layer's `seed` setting, computed with TensorFlow ops on every Keras backend.
+    seed and of the layer's `seed` setting (TensorFlow backend).
 
     Args:
         flip: bool or tuple. True flips along each of z, y and x with probability 1/2; a tuple
@@ -133,7 +133,7 @@ class VolumeAugmenter(JointAugmenter):
 
     def _sampling_map(self, images, draws):
         """(depth_index [B, D] int32, rows [B, H, W], cols [B, H, W]): where each output voxel comes from."""
-        s, ops = self.settings, draws.ops
+        s = self.settings
         shape = ops.shape(images)
         batch, depth, height, width = shape[0], shape[1], shape[2], shape[3]
 
@@ -168,23 +168,23 @@ class VolumeAugmenter(JointAugmenter):
         if s["zoom"]:
             scale = uniform(1.0 - s["zoom"], 1.0 + s["zoom"])
             y, x = y / scale, x / scale
-        return z, _reflect(y + center_y, height, ops), _reflect(x + center_x, width, ops)
+        return z, _reflect(y + center_y, height), _reflect(x + center_x, width)
 
     def _photometric(self, images, draws):
-        s, ops = self.settings, draws.ops
+        s = self.settings
         batch = ops.shape(images)[0]
 
         def uniform(low, high):
             return draws.uniform((batch, 1, 1, 1, 1), low, high)
 
-        _, spread = _patch_range(images, ops)
+        _, spread = _patch_range(images)
         if s["brightness"]:
             images = images + uniform(-s["brightness"], s["brightness"]) * spread
         if s["contrast"]:
             mean = ops.mean(images, axis=(1, 2, 3, 4), keepdims=True)
             images = (images - mean) * uniform(1 - s["contrast"], 1 + s["contrast"]) + mean
         if s["gamma"]:
-            now_low, now_spread = _patch_range(images, ops)
+            now_low, now_spread = _patch_range(images)
             unit = (images - now_low) / ops.maximum(now_spread, 1e-12)
             images = unit ** ops.exp(uniform(-s["gamma"], s["gamma"])) * now_spread + now_low
         if s["noise"]:
@@ -196,8 +196,8 @@ class VolumeAugmenter(JointAugmenter):
 
     def _move(self, images, masks, draws):
         depth_index, rows, cols = self._sampling_map(images, draws)
-        return (_sample3d(images, depth_index, rows, cols, bilinear=True, ops=draws.ops),
-                _sample3d(masks, depth_index, rows, cols, bilinear=False, ops=draws.ops))
+        return (_sample3d(images, depth_index, rows, cols, bilinear=True),
+                _sample3d(masks, depth_index, rows, cols, bilinear=False))
 
 
 def _voxel_normal(draws, shape):
@@ -213,8 +213,8 @@ def _voxel_normal(draws, shape):
     return draws.normal(shape)
 
 
-def _patch_range(images, ops=ops):
+def _patch_range(images):
     """(min, max - min) of each patch [B, D, H, W, C], shaped [B, 1, 1, 1, 1]."""
     batch = ops.shape(images)[0]
-    low, spread = _intensity_range(ops.reshape(images, (batch, -1, 1, 1)), ops)
+    low, spread = _intensity_range(ops.reshape(images, (batch, -1, 1, 1)))
     return low[..., None], spread[..., None]
