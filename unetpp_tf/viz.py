@@ -225,3 +225,51 @@ def plot_predictions(images, masks, probabilities, num: int = 6, threshold: floa
     for row, label in enumerate(("image", "truth", "prediction")):
         axes[row, 0].set_title(label, fontsize=8, loc="left")
     return _save(fig, path)
+
+
+def plot_prune_report(report: dict, path=None) -> Figure:
+    """Draw a prune report as the paper's speed/accuracy figure: Dice against cost, one point per level.
+
+    Panels: Dice vs parameters, and, when the report was timed, Dice vs batch-1 latency (Keras
+    and int8 TFLite). Points are labelled L1..Ld and "full" (the mean of the heads); the level
+    a tolerance chose (`report["chosen"]`) is ringed.
+
+    Args:
+        report: dict. From `unetpp_tf.pruning_report.prune_report`.
+        path: str or Path or None. Save the figure as PNG here. Defaults to None.
+
+    Returns:
+        Figure: one or two panels.
+
+    Example:
+        >>> plot_prune_report(prune_report(model, data.val), path="prune_report.png")
+    """
+    rows = report["rows"]
+    timed = all(row.get("keras_ms") is not None for row in rows)
+    fig = Figure(figsize=(10 if timed else 5, 3.8))
+    axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
+    panels = [(axes[0], [("parameters", "parameters", "tab:blue", 1e-6)], "parameters (M)")]
+    if timed:
+        series = [("keras_ms", "Keras", "tab:blue", 1.0)]
+        if all(row.get("int8_ms") is not None for row in rows):
+            series.append(("int8_ms", "int8 TFLite", "tab:orange", 1.0))
+        panels.append((axes[1], series, "batch-1 latency (ms)"))
+    dice = [row["dice"] for row in rows]
+    for ax, series, label in panels:
+        for key, name, color, scale in series:
+            xs = [row[key] * scale for row in rows]
+            levels = [k for k, row in enumerate(rows) if row.get("level") is not None]
+            ax.plot([xs[k] for k in levels], [dice[k] for k in levels], "-o", color=color, label=name)
+            full = [k for k in range(len(rows)) if k not in levels]
+            ax.plot([xs[k] for k in full], [dice[k] for k in full], "s", color=color)
+            for x, y, row in zip(xs, dice, rows):
+                ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                if report.get("chosen") is not None and row.get("level") == report["chosen"]:
+                    ax.plot([x], [y], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:red")
+        ax.set_xlabel(label)
+        ax.set_ylabel("Dice")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    size = "x".join(str(n) for n in report.get("image_size", []))
+    fig.suptitle(f"pruning levels on {report.get('images')} validation images ({size})", fontsize=10)
+    return _save(fig, path)
