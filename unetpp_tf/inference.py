@@ -95,8 +95,17 @@ def _load_saved_model(path: Path):
     return SavedModelRunner(path)
 
 
+def _load_onnx(path: Path):
+    from unetpp_tf.runners import OnnxModel  # onnxruntime is imported there (ImportError: the extra to install)
+
+    try:
+        return OnnxModel(path)
+    except ValueError as error:  # an unreadable or unsuitable file: the runner's message names it
+        raise ModelFileError(str(error)) from error
+
+
 # One loader per model format, keyed by file suffix (or "saved_model" for such a directory).
-_LOADERS = {".keras": _load_keras, ".tflite": _load_tflite, "saved_model": _load_saved_model}
+_LOADERS = {".keras": _load_keras, ".tflite": _load_tflite, ".onnx": _load_onnx, "saved_model": _load_saved_model}
 
 
 def load_model(path: str | os.PathLike):
@@ -107,12 +116,12 @@ def load_model(path: str | os.PathLike):
     message naming it and what to do.
 
     Args:
-        path: str or Path. A `.keras` file, a `.tflite` file or a SavedModel directory
-            (as written by `unetpp_tf.export.export_model`).
+        path: str or Path. A `.keras` file, a `.tflite` or `.onnx` file or a SavedModel
+            directory (as written by `unetpp_tf.export.export_model`; `.onnx` needs onnxruntime).
 
     Returns:
-        keras.Model, or a `TFLiteModel` / `SavedModelRunner` with the same `predict`
-        interface.
+        keras.Model, or a `TFLiteModel` / `OnnxModel` / `SavedModelRunner` with the same
+        `predict` interface.
 
     Example:
         >>> model = load_model("saved_models/run1/model.keras")
@@ -124,11 +133,11 @@ def load_model(path: str | os.PathLike):
     loader = _LOADERS.get(kind)
     if loader is None:
         raise ValueError(
-            f"{path} is not a model: pass a .keras file, a .tflite file or a SavedModel directory."
+            f"{path} is not a model: pass a .keras file, a .tflite file or a SavedModel directory (or an .onnx file)."
         )
     try:
         return loader(path)
-    except ModelFileError:
+    except (ModelFileError, ImportError):  # ImportError: a runtime to install (onnxruntime), said in one line
         raise
     except Exception as error:  # noqa: BLE001  (each format raises its own types for a bad file)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,16 +1,18 @@
-"""Run exported models (`.tflite` files, SavedModel folders) like Keras models.
+"""Run exported models (`.tflite` and `.onnx` files, SavedModel folders) like Keras models.
 
-`TFLiteModel` and `SavedModelRunner` take float32 images [N, H, W, C] scaled by their dtype's
-range (8-bit / 255, 16-bit / 65535), as the data pipeline gives them, and return float32
-probabilities [N, H, W, K]. They offer the Keras surface that `unetpp_tf.predict`, `evaluate`
-and the CLI use (`predict`, `predict_on_batch`, `inputs`, `outputs`, `input_shape`), and expose
-the settings `unetpp_tf.export.export_model` embedded in the file as `metadata` and
+`TFLiteModel`, `SavedModelRunner` and `OnnxModel` take float32 images [N, H, W, C] scaled by
+their dtype's range (8-bit / 255, 16-bit / 65535), as the data pipeline gives them, and return
+float32 probabilities [N, H, W, K]. They offer the Keras surface that `unetpp_tf.predict`,
+`evaluate` and the CLI use (`predict`, `predict_on_batch`, `inputs`, `outputs`, `input_shape`),
+and expose the settings `unetpp_tf.export.export_model` embedded in the file as `metadata` and
 `preprocessing`. This module only reads files; writing them is `unetpp_tf.export`'s job.
+`OnnxModel` needs onnxruntime (the extra `unetpp-tf[onnx]`), imported when one is made.
 
 Example:
     >>> lite = TFLiteModel("export/model_int8.tflite")
     >>> probabilities = lite.predict(images)                       # float32 [N, H, W, K]
     >>> probabilities = SavedModelRunner("export/saved_model")(images)
+    >>> probabilities = OnnxModel("export/model.onnx")(images)
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import tensorflow as tf
 from unetpp_tf._native_logs import native_stderr_silenced
 
 METADATA_PATH = "assets.extra/unetpp_tf.json"  # inside a SavedModel; TF ignores assets.extra
-METADATA_NAME = "unetpp_tf"  # the flatbuffer metadata entry of a TFLite file
+METADATA_NAME = "unetpp_tf"  # the flatbuffer metadata entry of a TFLite file, the metadata_props key of an ONNX file
+ONNX_INSTALL = 'pip install "unetpp-tf[onnx]"'  # what a missing onnxruntime / tf2onnx error says to run
 
 
 # --------------------------------------------------------------------------- inputs
@@ -434,3 +437,175 @@ class SavedModelRunner(_ExportedModel):
 
     def __repr__(self):
         return f"SavedModelRunner({str(self.path)!r})"
+
+
+class OnnxModel(_ExportedModel):
+    """Run an `.onnx` segmentation model with onnxruntime, with the same interface as `TFLiteModel`.
+
+    Images go in as float32 [N, H, W, C] (volumes [N, D, H, W, C]), channels last and scaled by
+    their dtype's range (8-bit / 255, 16-bit / 65535), and float32 probabilities [N, H, W, K]
+    come out. Files written by `export_model` take a dynamic batch and any size on the axes the
+    Keras model leaves free (padded to its downsampling inside the graph and cropped back);
+    an axis fixed in the file must match, or the images are refused with a message that says
+    what to do. `metadata` holds the settings `export_model` embedded in the file's
+    `metadata_props` ({} for other ONNX files). Needs onnxruntime (`pip install "unetpp-tf[onnx]"`).
+
+    Args:
+        path: str or Path. The `.onnx` file.
+        num_threads: int or None. onnxruntime intra-op threads; None lets it choose.
+            Defaults to None.
+        batch_size: int. Images per run (a file with a fixed batch runs that many).
+            Defaults to 32.
+        providers: list or None. onnxruntime execution providers, e.g.
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]. Defaults to None (CPU).
+
+    Example:
+        >>> onnx_model = OnnxModel("export/model.onnx")
+        >>> probabilities = onnx_model(images)          # float32 [N, H, W, K]
+        >>> probabilities = onnx_model.predict(data.test)
+    """
+
+    def __init__(self, path, num_threads: int | None = None, batch_size: int = 32, providers=None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {self.path}.")
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError(f"running {self.path.name} needs onnxruntime: {ONNX_INSTALL}") from None
+        self.batch_size = int(batch_size)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # errors only: no per-node placement notices
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        try:
+            self._session = onnxruntime.InferenceSession(
+                str(self.path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as error:  # noqa: BLE001  (onnxruntime raises its own types for an unreadable file)
+            raise ValueError(
+                f"{self.path} is not a readable ONNX model ({_first_line(error)}); export it again with "
+                "unetpp_tf.export.export_model(..., formats=('onnx',)) or copy it again."
+            ) from None
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{self.path} has {len(inputs)} inputs; expected one image input.")
+        self._input = inputs[0]
+        if self._input.type != "tensor(float)":
+            raise ValueError(f"{self.path} takes {self._input.type} images; OnnxModel runs float32 (tensor(float)) inputs.")
+        shape = tuple(_onnx_dim(d) for d in self._input.shape)
+        if len(shape) not in (4, 5):
+            raise ValueError(f"{self.path} takes inputs of shape {list(self._input.shape)}; expected "
+                             "[N, H, W, C] or [N, D, H, W, C].")
+        self._shape = shape
+        self._output = self._probabilities_output(len(shape))
+        stored = self._session.get_modelmeta().custom_metadata_map.get(METADATA_NAME)
+        try:
+            self.metadata = json.loads(stored) if stored else {}
+        except ValueError:
+            raise ValueError(f"{self.path} has unreadable {METADATA_NAME!r} metadata (not JSON); export it again.") from None
+
+    def _probabilities_output(self, rank: int):
+        outputs = self._session.get_outputs()
+        named = [o for o in outputs if o.name == "probabilities"]
+        ranked = [o for o in outputs if len(o.shape) == rank]
+        if named or ranked:
+            return (named or ranked)[0]
+        raise ValueError(f"{self.path} has no output of rank {rank} (found {[o.name for o in outputs]}); "
+                         "expected probabilities [N, H, W, K].")
+
+    @property
+    def name(self) -> str:
+        """The file name without its suffix."""
+        return self.path.stem
+
+    @property
+    def input_shape(self) -> tuple:
+        """Keras-style input shape (None, H, W, C); H and W are None when dynamic."""
+        return (None, *self._shape[1:])
+
+    @property
+    def output_shape(self) -> tuple:
+        """Keras-style output shape (None, H, W, K)."""
+        return (None, *(_onnx_dim(d) for d in self._output.shape[1:]))
+
+    @property
+    def size_divisor(self) -> int | None:
+        """What free spatial sizes must be divisible by: 1 when the file pads (`export_model`'s),
+        else the recorded 2**depth, None if not recorded."""
+        if self.metadata.get("pads_to_divisor"):
+            return 1
+        return self.metadata.get("size_divisor")
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """Always float32."""
+        return np.dtype(np.float32)
+
+    @property
+    def providers(self) -> list:
+        """The onnxruntime execution providers the session runs on."""
+        return self._session.get_providers()
+
+    def __call__(self, images) -> np.ndarray:
+        """Probabilities float32 [N, H, W, K] for float32 images [N, H, W, C]."""
+        batch = image_batch(images, len(self._shape) - 2)
+        names = ("height", "width", "channels") if len(self._shape) == 4 else ("depth", "height", "width", "channels")
+        for axis, name in enumerate(names, start=1):
+            if self._shape[axis] is not None and batch.shape[axis] != self._shape[axis]:
+                fixed = "x".join("?" if n is None else str(n) for n in self._shape[1:-1])
+                raise ValueError(
+                    f"{self.path} takes inputs of {name} {self._shape[axis]} ({fixed}, {self._shape[-1]} "
+                    f"channel(s)), got {list(batch.shape)}; resize them, run them through unetpp_tf.predict "
+                    "(or sliding-window inference for volumes), which tiles them, or export a model with "
+                    "free spatial axes."
+                )
+        step = self._shape[0] or self.batch_size
+        results = []
+        for start in range(0, len(batch), step):
+            chunk = np.ascontiguousarray(batch[start : start + step])
+            try:
+                results.append(self._session.run([self._output.name], {self._input.name: chunk})[0])
+            except Exception as error:  # noqa: BLE001  (onnxruntime's own error types)
+                divisor = self.metadata.get("size_divisor")
+                needs = f"sizes divisible by {divisor}" if divisor and not self.metadata.get("pads_to_divisor") else (
+                    "another input size")
+                raise ValueError(
+                    f"{self.path} cannot run on inputs of shape {list(chunk.shape)} ({_first_line(error)}); it needs "
+                    f"{needs}. Run the images through unetpp_tf.predict, which pads them, or export the model again."
+                ) from None
+        return np.asarray(np.concatenate(results, axis=0), np.float32)
+
+    def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
+        """Keras-style alias of `__call__`; also accepts an iterable of batches.
+
+        Args:
+            x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
+                dtype's range), or a dataset of images or (images, masks) batches.
+            batch_size: int or None. Images per run; None keeps the runner's. Defaults to None.
+            verbose: int. Ignored, for Keras compatibility. Defaults to 0.
+
+        Returns:
+            np.ndarray: float32 probabilities [N, H, W, K].
+
+        Example:
+            >>> probabilities = OnnxModel("export/model.onnx").predict(data.test)
+        """
+        saved, self.batch_size = self.batch_size, int(batch_size or self.batch_size)
+        try:
+            return self(_predict_input(x, len(self.input_shape) - 2))
+        finally:
+            self.batch_size = saved
+
+    def __repr__(self):
+        return f"OnnxModel({str(self.path)!r}, input float32 {list(self.input_shape)})"
+
+
+def _onnx_dim(dim):
+    """An onnxruntime dimension: an int when fixed, None when named ("batch", "unk__3") or unknown."""
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -50,7 +50,9 @@ def padded_forward(model: keras.Model):
             return tf.cast(model(images, training=False), tf.float32)
         dynamic = tf.shape(images)
         sizes = [s if s is not None else dynamic[i + 1] for i, s in enumerate(static)]
-        pads = [(-size) % divisor for size in sizes]
+        # (divisor - size % divisor) % divisor, not (-size) % divisor: the same for sizes >= 0, and
+        # tf2onnx 1.17 converts FloorMod of a negative dynamic size as if it were C's fmod
+        pads = [(divisor - size % divisor) % divisor for size in sizes]
         starts = [pad // 2 for pad in pads]
         padding = [[0, 0]] + [[start, pad - start] for start, pad in zip(starts, pads)] + [[0, 0]]
         probabilities = tf.cast(model(tf.pad(images, padding, mode="REFLECT"), training=False), tf.float32)

@@ -1,5 +1,8 @@
 """`export_model`: write every requested artifact, prove each agrees with Keras, commit them together.
 
+The artifacts are SavedModel, TFLite (float32 and quantized), ONNX and `.keras`; see
+`unetpp_tf.export` for what each file takes and returns.
+
 Example:
     >>> report = export_model(model, "export", quantize=("none", "int8"),
     ...                       calibration=data.val, samples=data.test)
@@ -23,6 +26,7 @@ from unetpp_tf.export.conversion import (
     write_saved_model,
     write_tflite_source,
 )
+from unetpp_tf.export.onnx_format import convert_to_onnx, onnx_operators, require_onnx
 from unetpp_tf.export.operators import operator_summary
 from unetpp_tf.export.parity import (
     agreement,
@@ -37,9 +41,9 @@ from unetpp_tf.export.tensorflow_process import export_in_tensorflow
 from unetpp_tf.inference import as_single_output, load_model
 from unetpp_tf.models.pruning import INFERENCE_MODES, supervision_heads
 from unetpp_tf.models.preprocessing import model_preprocessing
-from unetpp_tf.runners import SavedModelRunner, TFLiteModel
+from unetpp_tf.runners import OnnxModel, SavedModelRunner, TFLiteModel
 
-FORMATS = ("keras", "saved_model", "tflite")
+FORMATS = ("keras", "saved_model", "tflite", "onnx")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FILE_DTYPE = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
@@ -61,7 +65,7 @@ def export_model(
     calibration_steps: int = 100,
     num_threads: int | None = None,
 ) -> dict:
-    """Export a model to SavedModel / TFLite / `.keras` and prove each artifact agrees.
+    """Export a model to SavedModel / TFLite / ONNX / `.keras` and prove each artifact agrees.
 
     The model becomes single-output first ("accurate": mean of the deep-supervision
     heads; "fast": the pruned head `level`). Every artifact and the Keras model then run
@@ -78,14 +82,18 @@ def export_model(
         model: keras.Model. A UNet++ (deep supervision or not) or any single-output
             segmentation model with sigmoid (K=1) or softmax (K>1) outputs.
         output_dir: str or Path. Where the artifacts go; created if missing.
-        formats: str or tuple. Any of "saved_model", "tflite", "keras".
-            Defaults to ("saved_model", "tflite").
+        formats: str or tuple. Any of "saved_model", "tflite", "onnx", "keras". "onnx"
+            writes `{stem}.onnx` (float32 images [N, H, W, C] in, probabilities out, dynamic
+            batch and free spatial axes padded inside the graph; see
+            `unetpp_tf.export.onnx_format`) and runs it in onnxruntime for parity; it needs
+            the extra `unetpp-tf[onnx]`. Defaults to ("saved_model", "tflite").
         quantize: str or tuple. TFLite variants: "none" (float32), "float16",
             "dynamic" (int8 weights) and "int8" (full integer, uint8 in/out; needs
             `calibration`). Defaults to ("none",).
         image_size: tuple or None. (height, width) of the TFLite input, (depth, height,
             width) for a volume model (padded inside the file when not divisible by
-            2**depth); the SavedModel stays dynamic when the model is. Defaults to the
+            2**depth); the SavedModel and the ONNX file stay dynamic when the model is (the
+            parity images are resized to it all the same). Defaults to the
             model's fixed input size, else the training image size its
             `InputPreprocessing` records.
         mode: str. "accurate" or "fast". Defaults to "accurate".
@@ -101,19 +109,21 @@ def export_model(
             failing; such files cannot be checked here (parity is reported as None).
             Defaults to False.
         thresholds: dict or None. Minimum Dice agreement per "keras", "saved_model",
-            "none", "float16", "dynamic", "int8". Defaults to `DEFAULT_THRESHOLDS`
+            "onnx", "none", "float16", "dynamic", "int8". Defaults to `DEFAULT_THRESHOLDS`
             (0.99, and 0.97 for "dynamic"/"int8").
         max_samples: int. Images used for parity. Defaults to 16.
         calibration_steps: int. Images used for int8 calibration. Defaults to 100.
-        num_threads: int or None. TFLite interpreter threads for the parity run.
-            Defaults to None (LiteRT chooses).
+        num_threads: int or None. TFLite interpreter and onnxruntime threads for the
+            parity run. Defaults to None (LiteRT and onnxruntime choose).
 
     Returns:
         dict: the report also written to `output_dir/export_report.json`:
         {"artifacts": [{"name", "path", "format", "quantize", "size_bytes",
         "dice_agreement", "max_abs_diff", "latency_ms", "threshold", "ops", "custom_ops",
         "float_ops"}, ...], where a TFLite entry lists its operators, the ones that are not
-        TFLite builtins, and for int8 those left in float (`operators.operator_summary`),
+        TFLite builtins, and for int8 those left in float (`operators.operator_summary`), and
+        an ONNX entry (format "onnx", quantize "none") its op types, those outside the standard
+        ONNX domain as "custom_ops" ([] for the models we build), and its "opset",
         "image_size", "mode", "level", "num_classes", "parity_images",
         "keras_latency_ms"}.
 
@@ -125,6 +135,8 @@ def export_model(
     """
     formats = _as_names(formats, FORMATS, "format")
     quantize = _as_names(quantize, QUANTIZATIONS, "quantize", {"float32": "none"})
+    if "onnx" in formats:
+        require_onnx()  # before any work: the one-line ImportError names the extra to install
     bars = thresholds_with(thresholds)
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be 'accurate' or 'fast', got {mode!r}.")
@@ -199,6 +211,12 @@ def export_model(
                 check(name, f"{name}.tflite", "tflite", quant, _tflite_runner(allow_flex, num_threads),
                       operator_summary(content))
             shutil.rmtree(source)
+        if "onnx" in formats:
+            proto = convert_to_onnx(single, metadata)
+            write_onnx(staging / f"{stem}.onnx", proto)
+            check(stem, f"{stem}.onnx", "onnx", "none", lambda path: OnnxModel(path, num_threads=num_threads),
+                  onnx_operators(proto))
+            artifacts[-1]["opset"] = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
         report = export_report(artifacts, size, mode, level, int(single.output_shape[-1]), len(parity), keras_ms)
         failed = failures(artifacts)
@@ -215,6 +233,15 @@ def write_tflite(path: Path, content: bytes) -> None:
         >>> write_tflite(staging / "model_float32.tflite", content)
     """
     files.atomic_write(path, lambda temp: Path(temp).write_bytes(content))
+
+
+def write_onnx(path: Path, proto) -> None:
+    """Write a converted ONNX model (into the staging folder of `export_model`).
+
+    Example:
+        >>> write_onnx(staging / "model.onnx", convert_to_onnx(model, metadata))
+    """
+    files.atomic_write(path, lambda temp: Path(temp).write_bytes(proto.SerializeToString()))
 
 
 def _keras_reference(single: keras.Model, parity: list) -> tuple[list, float | None]:

@@ -27,6 +27,7 @@ from unetpp_tf.runners import images_of
 DEFAULT_THRESHOLDS = {
     "keras": 0.99,
     "saved_model": 0.99,
+    "onnx": 0.99,
     "none": 0.99,
     "float16": 0.99,
     "dynamic": 0.97,

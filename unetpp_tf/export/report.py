@@ -29,14 +29,16 @@ def artifact_entry(name: str, path: Path, staged: Path, fmt: str, quantize: str,
 
     A TFLite entry gets its operators afterwards (`unetpp_tf.export.operators.operator_summary`):
     "ops", "custom_ops" (not TFLite builtins) and "float_ops" (for an int8 file, the operators the
-    converter left in float); they stay None for the other formats.
+    converter left in float); an ONNX entry gets "ops", "custom_ops" (outside the standard ONNX
+    domain) and its "opset" (`unetpp_tf.export.onnx_format.onnx_operators`); they stay None for
+    the other formats.
 
     Args:
         name: str. The artifact's name, e.g. "model_int8".
         path: Path. Where it will live in the output folder.
         staged: Path. Where it is now (its size is read there).
-        fmt: str. "keras", "saved_model" or "tflite".
-        quantize: str. "none", "float16", "dynamic" or "int8".
+        fmt: str. "keras", "saved_model", "tflite" or "onnx".
+        quantize: str. "none", "float16", "dynamic" or "int8" ("none" for all but TFLite).
         threshold: float. Its minimum Dice agreement.
 
     Example:
@@ -55,6 +57,7 @@ def artifact_entry(name: str, path: Path, staged: Path, fmt: str, quantize: str,
         "ops": None,
         "custom_ops": None,
         "float_ops": None,
+        "opset": None,
     }
 
 
@@ -85,7 +88,8 @@ def format_report(report: dict) -> str:
 
     Returns:
         str: a header line, one row per artifact, and a line under the table for each TFLite file
-        that needs more than the builtin TFLite runtime or is int8 with operators left in float.
+        that needs more than the builtin TFLite runtime or is int8 with operators left in float,
+        and for each ONNX file (its opset, input and, if any, ops outside the standard domain).
 
     Example:
         >>> print(format_report(export_model(model, "export", samples=data.test)))
@@ -123,9 +127,14 @@ def format_report(report: dict) -> str:
 
 
 def _operator_notes(artifacts: list) -> list[str]:
-    """Lines about TFLite files that are not builtin-only, or int8 files not integer-only."""
+    """Lines about TFLite files that are not builtin-only, int8 files not integer-only, and ONNX files."""
     notes = []
     for a in artifacts:
+        if a.get("format") == "onnx":
+            extra = f"; needs op(s) {', '.join(a['custom_ops'])} beyond standard ONNX" if a.get("custom_ops") else ""
+            notes.append(f"{a['name']}.onnx: opset {a.get('opset')}, input 'images' float32 channels last "
+                         f"(dynamic batch){extra}.")
+            continue
         if a.get("custom_ops"):
             notes.append(f"{a['name']}: needs non-builtin op(s) {', '.join(a['custom_ops'])} "
                          "(the app must link the Flex delegate or those custom kernels).")
