@@ -648,8 +648,8 @@ def write_postprocessing(run_dir: str | os.PathLike, spec) -> Path:
 def postprocessing_path(run_dir_or_model_path: str | os.PathLike) -> Path | None:
     """The `postprocess.json` that belongs to a run directory or model, or None when there is none.
 
-    Looked up in the directory itself (a run directory or a SavedModel folder), then beside
-    the model, then, for a model in a run's `export/` folder, in the run directory.
+    A run directory is looked in; a model file or SavedModel folder is looked in (a SavedModel
+    folder), then beside, then, for a model in a run's `export/` folder, in the run directory.
 
     Args:
         run_dir_or_model_path: str or Path. A run directory, a model file or a SavedModel folder.
@@ -663,9 +663,12 @@ def postprocessing_path(run_dir_or_model_path: str | os.PathLike) -> Path | None
     path = Path(run_dir_or_model_path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory or a model file.")
-    places = ([path] if path.is_dir() else []) + [path.parent]
-    if path.parent.name == "export":
-        places.append(path.parent.parent)
+    model_file = path.is_file() or (path / "saved_model.pb").is_file()
+    places = [path] if path.is_dir() else []
+    if model_file:
+        places.append(path.parent)
+        if path.parent.name == "export":
+            places.append(path.parent.parent)
     for place in places:
         if (place / POSTPROCESS_FILE).is_file():
             return place / POSTPROCESS_FILE
