@@ -440,6 +440,33 @@ def test_select_postprocessing_on_a_tiny_model_matches_evaluate():
         pp.select_postprocessing(model, data.val.take(0))
 
 
+@independent
+@pytest.mark.parametrize("spatial", [3, 2])  # a 3D model in sliding windows, a 2D one slice by slice
+def test_select_postprocessing_volumes_matches_evaluate_volumes(spatial):
+    from unetpp_tf.data.volumes import Volume
+    from unetpp_tf.evaluation import evaluate_volumes
+
+    inputs = keras.Input((None,) * spatial + (1,))
+    identity = keras.Model(inputs, keras.layers.Identity()(inputs))  # probabilities = the image
+    shape = (6, 12, 12)
+    label = np.zeros(shape, np.uint8)
+    label[1:5, 2:8, 2:8] = 1
+    probs = label * 0.9
+    probs[5, 11, 11] = 0.8  # a false voxel
+    scans = [Volume(probs[..., None].astype(np.float32), label, (1.0, 1.0, 1.0), np.eye(4), "a"),
+             Volume((label * 0.9)[..., None].astype(np.float32), label, (1.0, 1.0, 1.0), np.eye(4), "b")]
+    patch = (4, 8, 8) if spatial == 3 else None
+    choice = pp.select_postprocessing_volumes(identity, scans, patch_size=patch)
+    record = choice["record"]
+    expected = evaluate_volumes(identity, scans, num_classes=1, patch_size=patch)["metrics"]["dice"]
+    assert record["pooling"] == "volumes" and record["maps"] == 2
+    assert record["dice_before"] == pytest.approx(expected, abs=1e-6)
+    assert record["dice_before"] == pytest.approx((2 * 144 / 289 + 1) / 2)
+    assert choice["steps"][0] == {"op": "keep_largest", "classes": [1]} and record["dice_after"] == 1.0
+    with pytest.raises(ValueError, match="volumes is empty"):
+        pp.select_postprocessing_volumes(identity, [], patch_size=patch)
+
+
 # ----------------------------------------------------------------------------- files
 
 

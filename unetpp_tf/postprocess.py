@@ -619,6 +619,67 @@ def select_postprocessing(model, dataset, *, num_classes: int | None = None, thr
     return choose_postprocessing(predictions, truths, num_classes, candidates=candidates, min_gain=min_gain)
 
 
+def select_postprocessing_volumes(model, volumes, *, num_classes: int | None = None, threshold: float = 0.5,
+                                  patch_size=None, overlap: float = 0.5, batch_size: int | None = None,
+                                  window=None, candidates=None, min_gain: float = DEFAULT_MIN_GAIN) -> dict:
+    """Predict validation scans whole and choose post-processing on them, scored as `evaluate_volumes` scores.
+
+    Each scan is predicted with `unetpp_tf.volume_inference.predict_volume` (sliding windows
+    for a 3D model, slice by slice for a 2D/2.5D one), and the Dice is the mean over scans of
+    the mean Dice of the foreground classes (pooling "volumes").
+
+    Args:
+        model: keras.Model or str. A 3D or 2D/2.5D model, or a path.
+        volumes: list of Volume. Labelled scans, e.g. `data.volumes["val"]`, their images as
+            the model takes them (or raw, with `window`).
+        num_classes: int or None. 1 for binary, K for K classes; None reads the model's output
+            channels. Defaults to None.
+        threshold: float. Binary foreground threshold. Defaults to 0.5.
+        patch_size: int, tuple or None. Windows for `predict_volume`. Defaults to None.
+        overlap: float. Window overlap. Defaults to 0.5.
+        batch_size: int or None. Patches or slices per pass. Defaults to None.
+        window: str, tuple or None. Window the images first with
+            `unetpp_tf.data.volumes.apply_window`; None feeds them as they are. Defaults to None.
+        candidates: list of dict or None. Steps to try; see `choose_postprocessing`.
+            Defaults to None.
+        min_gain: float. See `choose_postprocessing`. Defaults to 1e-6.
+
+    Returns:
+        dict: the spec with its record, as `choose_postprocessing` returns it.
+
+    Example:
+        >>> spec = select_postprocessing_volumes(model, data.volumes["val"], patch_size=(32, 64, 64))
+    """
+    from unetpp_tf.inference import as_single_output
+    from unetpp_tf.volume_inference import predict_volume
+
+    if isinstance(volumes, dict):
+        raise ValueError(f'volumes is a dict (keys {sorted(volumes)}); pass the scans of one split, '
+                         'e.g. data.volumes["val"].')
+    volumes = list(volumes)
+    if not volumes:
+        raise ValueError("volumes is empty: no validation scan to choose post-processing on.")
+    unlabelled = [str(getattr(v, "name", i)) for i, v in enumerate(volumes) if getattr(v, "label", None) is None]
+    if unlabelled:
+        raise ValueError(f"volume(s) {', '.join(unlabelled)} have no label to choose post-processing on.")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
+    model = as_single_output(model)
+    num_classes = num_classes or int(model.outputs[0].shape[-1])
+    predictions, truths = [], []
+    for volume in volumes:
+        image = volume.image
+        if window is not None:
+            from unetpp_tf.data.volumes import apply_window
+
+            image = apply_window(image, window)
+        probs = predict_volume(model, image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
+        predictions.append(_labels(probs, threshold))
+        truths.append(np.asarray(volume.label))
+    return choose_postprocessing(predictions, truths, num_classes, candidates=candidates, pooling="volumes",
+                                 min_gain=min_gain)
+
+
 # ----------------------------------------------------------------------------- files
 
 
