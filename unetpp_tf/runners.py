@@ -552,6 +552,9 @@ class OnnxModel(_ExportedModel):
         batch = image_batch(images, len(self._shape) - 2)
         names = ("height", "width", "channels") if len(self._shape) == 4 else ("depth", "height", "width", "channels")
         for axis, name in enumerate(names, start=1):
+            if self._shape[axis] is not None and batch.shape[axis] != self._shape[axis] and name == "channels":
+                raise ValueError(f"{self.path} takes {self._shape[axis]}-channel inputs, got {batch.shape[axis]} "
+                                 f"channel(s) (shape {list(batch.shape)}).")
             if self._shape[axis] is not None and batch.shape[axis] != self._shape[axis]:
                 fixed = "x".join("?" if n is None else str(n) for n in self._shape[1:-1])
                 raise ValueError(
