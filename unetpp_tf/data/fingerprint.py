@@ -170,7 +170,7 @@ class _Summary:
         if channels_last and array.ndim >= 3:
             self.channels = max(self.channels, int(array.shape[-1]))
         self.max_value = max(self.max_value, float(np.max(array)))
-        count = int(np.prod(spatial))
+        count = int(np.prod(array.shape))  # values, channels included
         stride = max(1, math.ceil((count / self.per_image) ** (1.0 / len(spatial))))
         window = tuple(slice(None, None, stride) for _ in spatial)
         self.values.append(np.asarray(array[window], np.float64).ravel())
