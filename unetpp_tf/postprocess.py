@@ -128,8 +128,8 @@ def remove_small_components(labels, min_size: int, classes=None) -> np.ndarray:
         labels: array. Integer class ids, one map [H, W] or [D, H, W] (0 = background).
         min_size: int. Components with fewer pixels (voxels) than this are removed; 1 removes
             nothing.
-        classes: list of int or None. Classes to clean; None cleans every foreground class
-            present. Defaults to None.
+        classes: int, list of int or None. Classes to clean; None cleans every foreground
+            class present. Defaults to None.
 
     Returns:
         np.ndarray: a new map with the dtype and shape of `labels`.
@@ -164,8 +164,8 @@ def keep_largest_component(labels, classes=None) -> np.ndarray:
 
     Args:
         labels: array. Integer class ids, one map [H, W] or [D, H, W] (0 = background).
-        classes: list of int or None. Classes to clean; None cleans every foreground class
-            present. Defaults to None.
+        classes: int, list of int or None. Classes to clean; None cleans every foreground
+            class present. Defaults to None.
 
     Returns:
         np.ndarray: a new map with the dtype and shape of `labels`.
@@ -203,7 +203,7 @@ def fill_holes(labels, classes=None) -> np.ndarray:
 
     Args:
         labels: array. Integer class ids, one map [H, W] or [D, H, W] (0 = background).
-        classes: list of int or None. Classes whose holes are filled; None fills every
+        classes: int, list of int or None. Classes whose holes are filled; None fills every
             foreground class present. Defaults to None.
 
     Returns:
