@@ -150,3 +150,9 @@ def test_exported_auto_level_scores_what_the_report_says(trained, data, tmp_path
     exported = load_model(tmp_path / "export" / f"model_L{level}_float32.tflite")
     dice = evaluate(exported, data.val)["metrics"]["dice"]
     assert dice == pytest.approx(report["rows"][level - 1]["dice"], abs=0.005)
+
+
+def test_an_exported_file_is_refused_with_what_to_pass(trained, data, tmp_path):
+    export_model(trained, tmp_path / "export", formats=("tflite",), quantize=("none",), samples=data.val)
+    with pytest.raises(ValueError, match="needs the Keras model with its deep-supervision heads.*TFLiteModel"):
+        pr.prune_report(tmp_path / "export" / "model_float32.tflite", data.val)

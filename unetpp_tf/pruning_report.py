@@ -45,7 +45,7 @@ from unetpp_tf.evaluation import evaluate
 from unetpp_tf.export import export_model
 from unetpp_tf.export.exporter import _fixed_size
 from unetpp_tf.export.parity import collect_images
-from unetpp_tf.inference import as_single_output
+from unetpp_tf.inference import as_single_output, load_model
 from unetpp_tf.models.analysis import count_flops
 from unetpp_tf.models.pruning import _deep_supervision_heads
 from unetpp_tf.runners import TFLiteModel
@@ -150,7 +150,8 @@ def prune_report(
     and the Keras timings when only the Dice is needed.
 
     Args:
-        model: keras.Model. A 2D UNet++ built with `deep_supervision=True` (trained).
+        model: keras.Model or str. A 2D UNet++ built with `deep_supervision=True` (trained), or
+            its `.keras` file.
         dataset: iterable. (images, masks) batches to score on, e.g. `data.val`.
         num_classes: int or None. 1 for binary, K for K classes; None reads the model's output
             channels. Defaults to None.
@@ -180,6 +181,13 @@ def prune_report(
         >>> report = prune_report(model, data.val, num_threads=2)
         >>> [(row["name"], round(row["dice"], 3)) for row in report["rows"]]
     """
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"prune_report needs the Keras model with its deep-supervision heads (a .keras file), got "
+            f"{type(model).__name__}: an exported file holds one head already."
+        )
     heads = _deep_supervision_heads(model, "measure the pruning levels of")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise ValueError(

@@ -266,6 +266,8 @@ def plot_prune_report(report: dict, path=None) -> Figure:
                 ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
                 if report.get("chosen") is not None and row.get("level") == report["chosen"]:
                     ax.plot([x], [y], "o", markersize=14, markerfacecolor="none", markeredgecolor="tab:red")
+        if series[0][0] == "parameters":  # each level has about 4x the parameters of the one before
+            ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("Dice")
         if len(series) > 1:
