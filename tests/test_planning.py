@@ -24,16 +24,16 @@ from unetpp_tf.planning import (
 SQUARES = ((2, 2, 4), (20, 10, 6))  # (row, col, side) of the two objects in every mask: 16 and 36 pixels
 
 
-def _write_folder(root, *, count=MIN_IMAGES, bits=8, tall=4, classes=1, empty=False):
-    """`count` pairs: 32x32 images (the last `tall` are 48x32), background 10, two squares at 200 (8-bit)
+def _write_folder(root, *, count=MIN_IMAGES, bits=8, tall=4, classes=1, empty=False, edge=32):
+    """`count` pairs: `edge` x `edge` images (the last `tall` are 48x32), background 10, two squares at 200 (8-bit)
     or 4000 (16-bit TIFF, so 12-bit data); masks 0/255 (classes=1) or the squares as ids 1 and 2."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for k in range(count):
-        height = 48 if k >= count - tall else 32
+        height, width = (48, 32) if k >= count - tall else (edge, edge)
         dtype = np.uint8 if bits == 8 else np.uint16
-        image = np.full((height, 32), 10, dtype)
-        mask = np.zeros((height, 32), np.uint8)
+        image = np.full((height, width), 10, dtype)
+        mask = np.zeros((height, width), np.uint8)
         for index, (row, col, side) in enumerate(SQUARES):
             image[row:row + side, col:col + side] = 200 if bits == 8 else 4000
             if not empty:
@@ -131,6 +131,15 @@ def test_fingerprint_of_tfds_mock_data():
     assert row["object_size"]["median"] == 60.0 and row["objects_per_image"] == 1.0
 
 
+def test_fingerprint_of_tfds_that_cannot_be_read():
+    def unprepared(self, split, *args, **kwargs):
+        raise AssertionError("dataset not found: prepare it first")
+
+    with tfds.testing.mock_data(as_dataset_fn=unprepared):
+        with pytest.raises(ValueError, match=r"^--data tfds:oxford_iiit_pet: cannot read its train split"):
+            fingerprint("tfds:oxford_iiit_pet")
+
+
 def test_fingerprint_of_scans_reads_the_spacing(tmp_path):
     for k in range(3):
         image = np.full((16, 16, 8), -1000, np.int16)  # file axes x, y, z
@@ -221,6 +230,12 @@ def test_planned_config_keeps_the_given_fields(tmp_path):
     assert config.image_size == (32, 32) == chosen.settings["image_size"] and config.depth == 2
     assert config.normalize == "fixed" and config.min_steps == chosen.settings["min_steps"] == 600
     config.check_training_size()  # the planned size fits the planned depth
+    wide = _write_folder(tmp_path / "forty", tall=0, edge=40)
+    config, chosen = planned_config(TrainConfig(data=str(wide)), given={"data"}, measure=False)
+    assert config.image_size == (40, 40) and config.depth == 2  # native size, depth for it
+    config, chosen = planned_config(TrainConfig(data=str(wide), depth=4), given={"data", "depth"}, measure=False)
+    assert config.depth == 4 and config.image_size == (32, 32) == chosen.settings["image_size"]  # 16x downsampling
+    config.check_training_size()
     with pytest.raises(ValueError, match="too small to fingerprint: 4 image/mask pairs"):
         planned_config(TrainConfig(data=str(_write_folder(tmp_path / "few", count=4))), given={"data"})
 

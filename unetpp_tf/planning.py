@@ -638,7 +638,20 @@ def planned_config(config: TrainConfig, given, memory_budget_gb: float | None = 
     if fp.kind == "scans":  # recipe values follow the (possibly given) mode
         for name in ("image_size", "crop_size"):
             values[name] = None
-    return TrainConfig.from_dict(values, source="plan"), chosen
+    planned = TrainConfig.from_dict(values, source="plan")
+    # a given depth, encoder or architecture downsamples otherwise: the planned sizes follow it
+    multiple = planned.size_multiple()
+    changes = {}
+    for name in ("image_size", "crop_size"):
+        value = getattr(planned, name)
+        if fp.kind != "scans" and name not in given and name in chosen.settings and value is not None:
+            if name == "image_size" and "crop_size" in chosen.settings and "crop_size" not in given:
+                continue  # resized before cropping: any size
+            if any(s % multiple for s in value):
+                changes[name] = tuple(_round(s, multiple) for s in value)
+                chosen.settings[name] = changes[name]
+                chosen.reasons[name] += f"; rounded to {_hw(changes[name])} for the model's {multiple}x downsampling"
+    return (dataclasses.replace(planned, **changes) if changes else planned), chosen
 
 
 # ----------------------------------------------------------------------------- child process

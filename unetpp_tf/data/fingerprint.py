@@ -346,14 +346,23 @@ def _tfds(name: str, max_files: int, max_pixels: int) -> Fingerprint:
 
     from unetpp_tf.data.tfds_source import PET, PET_CLASSES
 
-    builder = tfds.builder(name)
+    try:
+        builder = tfds.builder(name)
+    except Exception as error:  # noqa: BLE001 - an unknown name: one line saying so
+        raise ValueError(f"--data tfds:{name}: no such TFDS dataset ({type(error).__name__}).") from None
     total = 0
     try:
         total = sum(int(split.num_examples) for split in builder.info.splits.values())
     except Exception:  # noqa: BLE001 - split sizes unknown (not prepared, mocked): counted below
         total = 0
     table = PET_CLASSES["binary"] if name == PET else None  # what training reads (load_data: classes="binary")
-    examples = builder.as_dataset(split="train", shuffle_files=False).take(max_files)
+    try:
+        examples = builder.as_dataset(split="train", shuffle_files=False).take(max_files)
+    except Exception as error:  # noqa: BLE001 - not prepared, or no "train" split: one line saying so
+        raise ValueError(
+            f"--data tfds:{name}: cannot read its train split to fingerprint it ({type(error).__name__}); "
+            f"prepare the dataset first (training with --data tfds:{name} downloads it)."
+        ) from None
     summary = _Summary(max_pixels, max_files)
     sizes, masks = [], []
     for example in examples.as_numpy_iterator():
