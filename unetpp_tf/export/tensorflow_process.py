@@ -1,7 +1,7 @@
 """Export from another Keras backend (JAX, PyTorch): `export_model` in a TensorFlow child process.
 
-SavedModel and TFLite conversion trace the model as TensorFlow graphs, which needs Keras'
-TensorFlow backend, and a Python process has one backend. On any other backend
+SavedModel, TFLite and ONNX conversion (tf2onnx) trace the model as TensorFlow graphs, which
+needs Keras' TensorFlow backend, and a Python process has one backend. On any other backend
 `export_model` therefore saves the model as `.keras` (the format is the same on every
 backend), gathers the parity and calibration images as it would itself (float32, resized to
 the export size), and runs `python -m unetpp_tf.export REQUEST` with KERAS_BACKEND=tensorflow.
