@@ -18,6 +18,7 @@ from unetpp_tf import inference
 from unetpp_tf.export import export_model, exporter, format_report
 from unetpp_tf.export.conversion import padded_forward
 from unetpp_tf.runners import OnnxModel
+from unetpp_tf.volume_inference import predict_volume
 
 PREPROCESSING = {"normalize": "minmax", "image_size": (32, 32), "resize": "resize"}
 
@@ -176,6 +177,8 @@ def test_volume_model_exports(tmp_path):
     np.testing.assert_allclose(runner(volumes[0]), expected[:1], atol=1e-5)  # one volume [D, H, W, C]
     with pytest.raises(ValueError, match="model.onnx takes inputs of width 16"):
         runner(np.zeros((1, 8, 16, 8, 1), np.float32))
+    scan = rng.random((10, 24, 20, 1), dtype=np.float32)  # larger than the file's input: sliding windows
+    np.testing.assert_allclose(predict_volume(runner, scan), predict_volume(model, scan), atol=1e-4)
 
 
 def _inverted(convert):
