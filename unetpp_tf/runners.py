@@ -492,7 +492,9 @@ class OnnxModel(_ExportedModel):
             raise ValueError(f"{self.path} has {len(inputs)} inputs; expected one image input.")
         self._input = inputs[0]
         if self._input.type != "tensor(float)":
-            raise ValueError(f"{self.path} takes {self._input.type} images; OnnxModel runs float32 (tensor(float)) inputs.")
+            raise ValueError(
+                f"{self.path} takes {self._input.type} images; OnnxModel runs float32 (tensor(float)) inputs."
+            )
         shape = tuple(_onnx_dim(d) for d in self._input.shape)
         if len(shape) not in (4, 5):
             raise ValueError(f"{self.path} takes inputs of shape {list(self._input.shape)}; expected "
@@ -503,7 +505,9 @@ class OnnxModel(_ExportedModel):
         try:
             self.metadata = json.loads(stored) if stored else {}
         except ValueError:
-            raise ValueError(f"{self.path} has unreadable {METADATA_NAME!r} metadata (not JSON); export it again.") from None
+            raise ValueError(
+                f"{self.path} has unreadable {METADATA_NAME!r} metadata (not JSON); export it again."
+            ) from None
 
     def _probabilities_output(self, rank: int):
         outputs = self._session.get_outputs()
