@@ -410,6 +410,7 @@ def test_empty_predictions_change_nothing_and_score_zero():
     (np.zeros((2, 8, 8), np.uint8), np.zeros((3, 8, 8), np.uint8), 1, "predictions has 2 maps but truths has 3"),
     (np.full((1, 8, 8), 3, np.uint8), np.zeros((1, 8, 8), np.uint8), 3, "class id 3 but num_classes=3"),
     (np.zeros((1, 8, 8), np.uint8), np.zeros((1, 8, 8), np.uint8), 0, "num_classes must be"),
+    (np.full((1, 8, 8), -1, np.int8), np.zeros((1, 8, 8), np.uint8), 3, "negative class ids"),
 ])
 def test_choose_errors(predictions, truths, num_classes, message):
     with pytest.raises(ValueError, match=message):

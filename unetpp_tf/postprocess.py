@@ -457,7 +457,9 @@ def _pairs(predictions, truths, num_classes, pooling):
                          "give one true mask per prediction.")
     predictions = [_check_labels(p, f"predictions[{i}]") for i, p in enumerate(predictions)]
     truths = [_truth_ids(t, p.shape, num_classes, i) for i, (p, t) in enumerate(zip(predictions, truths))]
-    top = max(int(p.max()) for p in predictions)
+    top = max(int(p.max()) if p.size else 0 for p in predictions)
+    if min(int(p.min()) if p.size else 0 for p in predictions) < 0:
+        raise ValueError("predictions hold negative class ids; predicted labels are 0 (background) .. K-1.")
     if top > max(num_classes - 1, 1):
         raise ValueError(f"predictions hold class id {top} but num_classes={num_classes} allows ids "
                          f"0..{max(num_classes - 1, 1)}; pass the model's number of classes.")
