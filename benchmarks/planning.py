@@ -178,7 +178,8 @@ def data_for(regime: str, work: Path) -> dict:
 def describe(config: dict) -> str:
     size = config["crop_size"] or config["image_size"]
     return (f"{'x'.join(map(str, size))} d{config['depth']} f{config['filters']} b{config['batch_size']} "
-            f"{config['normalize']} e{config['epochs']} min{config['min_steps']}" + (" rc" if config["recompute"] else ""))
+            f"{config['normalize']} e{config['epochs']} min{config['min_steps']}"
+            + (" rc" if config["recompute"] else ""))
 
 
 def main() -> None:

@@ -201,7 +201,7 @@ def test_memory_budget_steps_down_then_refuses():
     roomy = plan(fp, memory_budget_gb=64, measure=False)
     assert roomy.settings["batch_size"] == 8 and roomy.settings["recompute"] is False
     data = 200 * 256 * 256 * 8  # the cached dataset: float32 images and int32 masks
-    need = (estimate_memory(dict(depth=4, filters=16, batch_size=2), 1, 1, (256, 256)) + data) / 2**30
+    need = (estimate_memory(dict(depth=4, filters=16, batch_size=2), 1, 1, (256, 256)) * 1.1 + data) / 2**30
     tight = plan(fp, memory_budget_gb=round(need + 0.01, 2), measure=False)
     assert tight.settings["batch_size"] == 2 and tight.memory["peak_gb"] <= tight.memory["budget_gb"]
     assert "largest power of two" in tight.reasons["batch_size"]
@@ -217,7 +217,8 @@ def test_format_plan_is_a_table_with_reasons():
     lines = text.splitlines()
     assert lines[1].split() == ["setting", "value", "reason"]
     assert any(line.split()[:3] == ["image_size", "64", "64"] for line in lines)
-    assert all(any(line.startswith(name) and chosen.reasons[name] in line for line in lines) for name in chosen.settings)
+    for name in chosen.settings:
+        assert any(line.startswith(name) and chosen.reasons[name] in line for line in lines), name
     assert "budget 4 GB" in lines[-1] and chosen.to_dict()["settings"]["image_size"] == [64, 64]
 
 
