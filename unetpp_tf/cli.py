@@ -96,6 +96,9 @@ TRAIN_HELP = {
     "init_timeout": "multi-worker: seconds to wait for the coordinator and every worker",
     "export_saved_model": "export a SavedModel into the run",
     "export_tflite": "export a float32 TFLite file into the run",
+    "postprocess": "auto = after training, try removing small components, keeping the largest component and "
+                   "filling holes on the validation split; keep those that raise Dice (postprocess.json; predict "
+                   "and evaluate apply them)",
 }
 
 
@@ -194,12 +197,30 @@ def _train(args) -> int:
         print(f"test (ensemble of {len(folds['folds'])}): {scores}")
     else:
         print(f"test: {scores}")
+    if "postprocess" in record:
+        chosen = record["postprocess"]
+        steps = ", ".join(_step_text(step) for step in chosen["steps"]) or "none raised the validation Dice"
+        print(f"post-processing: {steps} (validation dice {chosen['val_dice_before']:.4f} -> "
+              f"{chosen['val_dice_after']:.4f}; applied to the test scores and by predict)")
     if "hd95" in metrics:  # scans: per class, with surface distances in mm
         for i, name in enumerate(metrics["classes"]):
             each = {key: metrics["per_class"][key][i] for key in ("dice", "iou", "hd95", "assd")}
             print(f"  {name}: dice {each['dice']:.4f}, iou {each['iou']:.4f}, "
                   f"hd95 {_millimetres(each['hd95'])}, assd {_millimetres(each['assd'])}")
     return 0
+
+
+def _step_text(step: dict) -> str:
+    """One post-processing step for the terminal, e.g. remove_small(min_size=6, classes=[1])."""
+    options = ", ".join(f"{k}={v}" for k, v in step.items() if k != "op")
+    return f"{step['op']}({options})" if options else step["op"]
+
+
+def _postprocessing(args, model_path: str):
+    """The post-processing steps `--postprocess` asks for: auto = those the model's run chose, if any."""
+    from unetpp_tf.postprocess import read_postprocessing
+
+    return read_postprocessing(model_path) if args.postprocess == "auto" else None
 
 
 def _millimetres(distance) -> str:
@@ -257,7 +278,7 @@ def _evaluate(args) -> int:
         names = [Path(image).name for image, _ in data.files.get(args.split, [])] or None  # folder data: file names
         result = evaluate(
             models, data[args.split], mode=args.ds_mode, level=args.prune_level, threshold=args.threshold,
-            names=names,
+            names=names, postprocess=_postprocessing(args, paths[0]) if len(paths) == 1 else None,
         )
     if args.csv:
         write_per_image_csv(result["per_image"], args.csv)
@@ -284,7 +305,7 @@ def _score_scans(args, models: list, data) -> dict:
     patch = dict(patch_size=tuple(run["patch_size"])) if run.get("volume_mode") == "3d" else {}
     model = as_single_output(models[0], args.ds_mode, args.prune_level)
     return evaluate_volumes(model, data.volumes[args.split], num_classes=data.num_classes, threshold=args.threshold,
-                            **patch)
+                            postprocess=_postprocessing(args, args.model[0]), **patch)
 
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".dcm")
@@ -312,6 +333,7 @@ def _predict(args) -> int:
     written = predict_files(
         model, args.inputs, args.output, overlay=args.overlay, threshold=args.threshold,
         tta=args.tta, tile_size=args.tile_size, overlap=args.overlap, mode=args.ds_mode, level=args.prune_level,
+        postprocess=_postprocessing(args, model_path),
     )
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
@@ -328,7 +350,8 @@ def _predict_scans(args, model, run: dict) -> int:
         patch = args.tile_size or run.get("patch_size")
         options["patch_size"] = tuple(patch) if patch else None
     model = as_single_output(model, args.ds_mode, args.prune_level)
-    written = predict_scans(model, args.inputs, args.output, threshold=args.threshold, overlap=args.overlap, **options)
+    written = predict_scans(model, args.inputs, args.output, threshold=args.threshold, overlap=args.overlap,
+                            postprocess=_postprocessing(args, _model_file(args.model)), **options)
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
 
@@ -395,6 +418,12 @@ def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="binary foreground threshold")
 
 
+def _add_postprocess_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--postprocess", choices=("auto", "none"), default="auto",
+                        help="auto = apply the post-processing the model's run chose on its validation split "
+                             "(postprocess.json, train --postprocess auto), if any; none = the labels as predicted")
+
+
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="synthetic, a folder, or tfds:NAME (default: the model's training data)")
     parser.add_argument("--images", help="explicit image folder")
@@ -436,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", help="write per-image metrics to this CSV file")
     _add_data_flags(evaluate)
     _add_inference_flags(evaluate)
+    _add_postprocess_flag(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     predict = sub.add_parser(
@@ -451,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sliding-window size for large images (3D scans: D H W; default: the training patch)")
     predict.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction")
     _add_inference_flags(predict)
+    _add_postprocess_flag(predict)
     predict.set_defaults(run=_predict)
 
     export = sub.add_parser("export", parents=[common], help="export SavedModel / TFLite with a parity report")

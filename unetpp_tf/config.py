@@ -20,6 +20,7 @@ CHOICES = {
     "task": ("binary", "multiclass"),
     "normalize": ("fixed", "dataset", "minmax", "percentile", "zscore"),
     "volume_mode": ("3d", "2.5d", "2d"),
+    "postprocess": ("none", "auto"),
 }
 
 SYNTHETIC_CT = "synthetic-ct"
@@ -139,6 +140,7 @@ class TrainConfig:
     # outputs
     export_saved_model: bool = True
     export_tflite: bool = True
+    postprocess: str = "none"
 
     def __post_init__(self):
         for key, choices in CHOICES.items():

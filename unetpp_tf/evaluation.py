@@ -26,6 +26,7 @@ from unetpp_tf import files
 from unetpp_tf.data.pipeline import SegmentationData
 from unetpp_tf.inference import as_single_output, labels_from_probabilities
 from unetpp_tf.metrics import confusion_counts, pixel_accuracy, ratios_from_counts
+from unetpp_tf.postprocess import apply_postprocessing, check_postprocessing
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "f1", "accuracy")
 DISTANCE_KEYS = ("hd95", "assd")
@@ -49,6 +50,7 @@ def evaluate(
     level: int | None = None,
     names=None,
     spacing=None,
+    postprocess=None,
 ) -> dict:
     """Score a model, or the mean probabilities of several (an ensemble), over a dataset.
 
@@ -69,6 +71,9 @@ def evaluate(
             binary models, the mean over classes 1..K-1 otherwise, inf when one of prediction
             and mask is empty), and "metrics" their means over the images where they are
             finite, with "undefined_distances" counting the others. Defaults to None.
+        postprocess: dict, list or None. Post-processing steps (`unetpp_tf.postprocess`, e.g.
+            a run's `read_postprocessing(run)`) applied to each label map before it is scored.
+            Defaults to None (the maps as predicted).
 
     Returns:
         dict: {"metrics": {"dice", "iou", "precision", "recall", "f1", "accuracy", "images"
@@ -92,11 +97,14 @@ def evaluate(
     num_classes = num_classes or channels.pop()
     if spacing is not None:
         spacing = _check_spacing(spacing, 2, "spacing")
+    steps = check_postprocessing(postprocess)["steps"]
     batches, distances = [], []
     for batch in dataset:
         # numpy in and out: tf.data gives TensorFlow tensors whatever backend the models run on
         images, masks = np.asarray(batch[0]), np.asarray(batch[1])
         probs = sum(np.asarray(m.predict_on_batch(images)) for m in models) / len(models)
+        if steps:
+            probs = _postprocessed(probs, threshold, steps)
         counts = confusion_counts(masks, probs, num_classes, threshold, per_sample=True)
         batches.append([keras.ops.convert_to_numpy(c) for c in counts])
         if spacing is not None:
@@ -126,6 +134,14 @@ def evaluate(
             row["hd95"], row["assd"] = _class_mean(hd95), _class_mean(assd)
         metrics.update(_distance_means(rows))
     return {"metrics": metrics, "per_image": rows}
+
+
+def _postprocessed(probs: np.ndarray, threshold: float, steps: list) -> np.ndarray:
+    """Probabilities that score as the post-processed label maps: 0/1 (binary) or one-hot (K classes)."""
+    labels = apply_postprocessing(labels_from_probabilities(probs, threshold), {"steps": steps}, batched=True)
+    if probs.shape[-1] == 1:
+        return labels[..., None].astype("float32")
+    return np.eye(probs.shape[-1], dtype="float32")[labels]
 
 
 # ----------------------------------------------------------------------------- surface distances
@@ -229,6 +245,7 @@ def evaluate_volumes(
     batch_size: int | None = None,
     class_names=None,
     window=None,
+    postprocess=None,
 ) -> dict:
     """Score a model scan by scan: Dice, IoU, HD95 and ASSD (mm) of each foreground class.
 
@@ -258,6 +275,8 @@ def evaluate_volumes(
         window: str, tuple or None. Window the images first with
             `unetpp_tf.data.volumes.apply_window` (for raw HU volumes); None feeds them as they
             are. Defaults to None.
+        postprocess: dict, list or None. Post-processing steps applied to each predicted label
+            volume before it is scored (`unetpp_tf.postprocess`). Defaults to None.
 
     Returns:
         dict: {"metrics": {"dice", "iou", "hd95", "assd", "volumes", "undefined_distances"
@@ -289,6 +308,7 @@ def evaluate_volumes(
     model = as_single_output(model)
     num_classes = num_classes or int(model.outputs[0].shape[-1])
     labels = _class_labels(num_classes, class_names)
+    postprocess = check_postprocessing(postprocess)
     rows, per_class = [], {key: [] for key in ("dice", "iou", *DISTANCE_KEYS)}
     for index, volume in enumerate(volumes):
         image = volume.image
@@ -301,7 +321,7 @@ def evaluate_volumes(
             raise ValueError(
                 f"volume {volume.name}: label shape {volume.label.shape} differs from its image {probs.shape[:3]}."
             )
-        predicted = labels_from_probabilities(probs, threshold)
+        predicted = apply_postprocessing(labels_from_probabilities(probs, threshold), postprocess)
         del probs
         truth = np.asarray(volume.label)
         truth = truth[..., 0] if truth.ndim == 4 else truth

@@ -28,6 +28,7 @@ from unetpp_tf.data.readers import IMAGE_EXTENSIONS, pil_image_array
 from unetpp_tf.models.analysis import size_divisor
 from unetpp_tf.models.preprocessing import model_preprocessing
 from unetpp_tf.models.pruning import INFERENCE_MODES, inference_model
+from unetpp_tf.postprocess import apply_postprocessing, check_postprocessing
 
 DEFAULT_TILE = 256
 _WEIGHT_FLOOR = 1e-2  # window borders still count, so every pixel has a positive weight
@@ -456,6 +457,7 @@ def predict_files(
     image_size=None,
     channels: int | None = None,
     threshold: float = 0.5,
+    postprocess=None,
     **predict_kwargs,
 ) -> list[Path]:
     """Segment image files and write one mask PNG per image, named after it.
@@ -483,6 +485,9 @@ def predict_files(
         channels: int or None. Channels to read the images with; None uses the model's input
             channels, which it must match when given. Defaults to None.
         threshold: float. Binary foreground threshold. Defaults to 0.5.
+        postprocess: dict, list or None. Post-processing steps (`unetpp_tf.postprocess`, e.g. the
+            run's `read_postprocessing(run)`) applied to each label map before it is written.
+            Defaults to None (the labels as predicted).
         **predict_kwargs: passed to `predict` (batch_size, tile_size, overlap, tta, mode, level).
 
     Returns:
@@ -500,6 +505,7 @@ def predict_files(
         raise ValueError(f"model {model.name!r} does not fix its input channels; pass channels=1 or 3.")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
+    postprocess = check_postprocessing(postprocess)
     image_size = prediction_size(model, image_size)
     image_paths = _image_files(inputs)
     output_dir = Path(output_dir)
@@ -525,7 +531,7 @@ def predict_files(
             probs = predict(model, resized[None], **predict_kwargs)
             if image_size is not None:
                 probs = tf.image.resize(probs, image.shape[:2]).numpy()
-            labels = labels_from_probabilities(probs, threshold)[0]
+            labels = apply_postprocessing(labels_from_probabilities(probs, threshold)[0], postprocess)
             mask_path = output_dir / f"{path.stem}.png"
             stage(mask_path, _write_png(labels * np.uint8(255) if probs.shape[-1] == 1 else labels))
             if overlay:

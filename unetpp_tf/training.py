@@ -55,6 +55,7 @@ import tensorflow as tf
 from unetpp_tf import losses as losses_module
 from unetpp_tf import distributed
 from unetpp_tf import metrics as metrics_module
+from unetpp_tf import postprocess
 from unetpp_tf import viz
 from unetpp_tf.checkpoints import (
     BestModelCheckpoint,
@@ -88,10 +89,10 @@ logger = logging.getLogger(__name__)
 SPLITS_FILE = "splits.json"
 CONFIG_FILE = "config.json"
 BACKUP_DIR = "backup"
-# Settings a resumed run may change: where the run is, what is exported at the end, and where its
-# workers are (a multi-worker run may resume on other machines, or on another number of them)
-RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "coordinator", "num_processes",
-               "process_id", "init_timeout")
+# Settings a resumed run may change: where the run is, what is exported and chosen at the end, and where
+# its workers are (a multi-worker run may resume on other machines, or on another number of them)
+RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "postprocess", "coordinator",
+               "num_processes", "process_id", "init_timeout")
 CLUSTER_FIELDS = ("coordinator", "num_processes", "process_id", "init_timeout")
 
 
@@ -1115,8 +1116,32 @@ def _clean_run_dir(run: Path, resume: bool) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def postprocessing_for_run(config: TrainConfig, data: SegmentationData, model: keras.Model, run: Path) -> dict | None:
+    """`postprocess="auto"`: the steps that raise the validation Dice, written to the run's postprocess.json.
+
+    Returns the chosen spec (with its record of trials), or None when the config asks for none;
+    a postprocess.json left by an earlier finish of the run is then removed, so `predict`
+    applies only what this run chose.
+
+    Example:
+        >>> postprocessing_for_run(TrainConfig(postprocess="auto"), data, model, run)["steps"]
+        [{'op': 'remove_small', 'min_size': 6}]
+    """
+    if config.postprocess != "auto":
+        (run / postprocess.POSTPROCESS_FILE).unlink(missing_ok=True)
+        return None
+    if config.on_scans:
+        options = dict(patch_size=tuple(config.patch_size)) if config.volumetric else {}
+        spec = postprocess.select_postprocessing_volumes(model, data.volumes["val"], num_classes=data.num_classes,
+                                                         **options)
+    else:
+        spec = postprocess.select_postprocessing(model, data.val, num_classes=data.num_classes)
+    postprocess.write_postprocessing(run, spec)
+    return spec
+
+
 def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: dict, history: dict | None) -> None:
-    """Evaluate the run's `model.keras` on the test split, draw figures, export, write metrics.json.
+    """Choose post-processing, score the run's `model.keras` on the test split, draw figures, export, write metrics.json.
 
     Args:
         config: TrainConfig. Export settings are read.
@@ -1131,10 +1156,14 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
     # compile=False: a model trained without a wrapper was saved with the optimizer of its phase, which
     # scoring and export do not need (and which a frozen phase's file holds for fewer variables)
     best = keras.models.load_model(run / "model.keras", compile=False)
+    steps = postprocessing_for_run(config, data, best, run)
     if config.on_scans:
-        scores = volume_training.score_scans(best, config, data, run)
+        scores = volume_training.score_scans(best, config, data, run, postprocess=steps)
     else:
-        scores = evaluate(best, data.test, num_classes=data.num_classes)["metrics"]
+        scores = evaluate(best, data.test, num_classes=data.num_classes, postprocess=steps)["metrics"]
+    if steps is not None:
+        record["postprocess"] = {"steps": steps["steps"], "val_dice_before": steps["record"]["dice_before"],
+                                 "val_dice_after": steps["record"]["dice_after"]}
     record = {
         "test": scores,
         **record,

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from unetpp_tf import inference
+from unetpp_tf.postprocess import apply_postprocessing, check_postprocessing
 
 BLENDS = ("gaussian", "constant")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -504,6 +505,7 @@ def predict_scans(
     overlap: float = 0.5,
     batch_size: int | None = None,
     probabilities: bool = False,
+    postprocess=None,
 ) -> list[Path]:
     """Segment scans (NIfTI files, DICOM series) and write each mask as NIfTI in the scan's own geometry.
 
@@ -532,6 +534,9 @@ def predict_scans(
             Defaults to None.
         probabilities: bool. Also write `<name>_probabilities.nii.gz` (float32 [.., K],
             linearly interpolated back to the source grid). Defaults to False.
+        postprocess: dict, list or None. Post-processing steps (`unetpp_tf.postprocess`, e.g. the
+            run's `read_postprocessing(run)`) applied to each label volume, on the grid it was
+            predicted on, before it is written. Defaults to None (the labels as predicted).
 
     Returns:
         list of Path: the mask files written, in input order.
@@ -542,6 +547,7 @@ def predict_scans(
     from unetpp_tf import files
     from unetpp_tf.data import medical_io, volumes
 
+    postprocess = check_postprocessing(postprocess)
     model = inference.as_single_output(model)
     dims = model_dims(model)
     if not 0.0 < threshold < 1.0:
@@ -575,7 +581,7 @@ def predict_scans(
     for path in scans:
         volume = _prepare(medical_io.read_scan(path), spacing=spacing, window=window)
         probs = predict_volume(model, volume.image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
-        labels = inference.labels_from_probabilities(probs, threshold)
+        labels = apply_postprocessing(inference.labels_from_probabilities(probs, threshold), postprocess)
         name = medical_io.scan_stem(path)
         if probabilities:
             medical_io.write_scan(probs, output_dir / f"{name}_probabilities.nii.gz", like=volume, order=1)

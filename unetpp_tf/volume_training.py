@@ -133,12 +133,13 @@ def pool_sizes_for(config: TrainConfig, data: SegmentationData) -> list | None:
     return pools
 
 
-def score_scans(model, config: TrainConfig, data: SegmentationData, run: Path) -> dict:
+def score_scans(model, config: TrainConfig, data: SegmentationData, run: Path, postprocess=None) -> dict:
     """Score the best model on the test scans, whole scan by whole scan, and write their table.
 
     3D models predict with Gaussian-weighted sliding windows of the training patch size, 2D
     models slice by slice. The rows (Dice, IoU, HD95 and ASSD in mm per class) go to
-    `test_scans.csv` in the run directory.
+    `test_scans.csv` in the run directory. `postprocess` (steps of `unetpp_tf.postprocess`) is
+    applied to each predicted label volume first.
 
     Returns:
         dict: the mean metrics over the test scans (`evaluate_volumes`' "metrics").
@@ -146,6 +147,7 @@ def score_scans(model, config: TrainConfig, data: SegmentationData, run: Path) -
     options = dict(patch_size=tuple(config.patch_size)) if config.volumetric else {}
     if config.data == SYNTHETIC_CT:
         options["class_names"] = CLASSES
-    result = evaluate_volumes(model, data.volumes["test"], num_classes=data.num_classes, **options)
+    result = evaluate_volumes(model, data.volumes["test"], num_classes=data.num_classes, postprocess=postprocess,
+                              **options)
     write_per_image_csv(result["per_image"], run / SCANS_CSV)
     return result["metrics"]
