@@ -1141,7 +1141,7 @@ def postprocessing_for_run(config: TrainConfig, data: SegmentationData, model: k
 
 
 def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: dict, history: dict | None) -> None:
-    """Choose post-processing, score the run's `model.keras` on the test split, draw figures, export, write metrics.json.
+    """Choose post-processing, score `model.keras` on the test split, draw figures, export, write metrics.json.
 
     Args:
         config: TrainConfig. Export settings are read.
