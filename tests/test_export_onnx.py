@@ -17,6 +17,7 @@ import unetpp_tf
 from unetpp_tf import inference
 from unetpp_tf.export import export_model, exporter, format_report
 from unetpp_tf.export.conversion import padded_forward
+from unetpp_tf.export.onnx_format import onnx_friendly
 from unetpp_tf.runners import OnnxModel
 from unetpp_tf.volume_inference import predict_volume
 
@@ -247,3 +248,24 @@ def test_a_model_trained_on_this_backend_exports_to_onnx(tmp_path, rng):
     assert report["artifacts"][0]["dice_agreement"] >= 0.99 and report["parity_images"] == 3
     expected = keras.ops.convert_to_numpy(model(images, training=False))
     np.testing.assert_allclose(OnnxModel(tmp_path / "export" / "model.onnx")(images), expected, atol=1e-4)
+
+
+@pytest.mark.slow  # builds ConvNeXt-Tiny and EfficientNet-B0 encoders
+@pytest.mark.parametrize("encoder", ["convnexttiny", "efficientnetb0"])
+def test_encoders_that_need_rewrites_convert_exactly(encoder, tmp_path, rng):
+    # ConvNeXt: depthwise Conv2D(groups=C) runs as an XLA function and exact GELU uses erfc;
+    # EfficientNet: Normalization holds its mean and variance as captured constants.
+    model = unetpp_tf.build_unetpp((32, 32, 3), depth=2, filters=4, encoder=encoder)
+    if encoder == "convnexttiny":
+        friendly = onnx_friendly(model)
+        depthwise = [layer for layer in friendly.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+        assert len(depthwise) == sum(isinstance(layer, keras.layers.Conv2D) and layer.groups > 1
+                                     for layer in model.layers) > 0
+    images = rng.random((3, 32, 32, 3), dtype=np.float32)
+    report = export_model(model, tmp_path, formats="onnx", samples=images)
+    (entry,) = report["artifacts"]
+    assert entry["custom_ops"] == [] and entry["max_abs_diff"] < 1e-4
+    runner = OnnxModel(tmp_path / "model.onnx")
+    assert [i.name for i in runner._session.get_inputs()] == ["images"]
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    np.testing.assert_allclose(runner(images), expected, atol=1e-4)

@@ -19,7 +19,19 @@ settings among them the training image size and resize policy) go into the file'
 tf2onnx, onnx and onnxruntime are the optional extra `unetpp-tf[onnx]`; they are imported only
 here and in `OnnxModel`. tf2onnx leaves a TensorFlow op it cannot convert in the graph under
 its TensorFlow name instead of failing; `convert_to_onnx` finds such ops and raises an error
-naming them and the Keras layers they come from.
+naming them and the Keras layers they come from. Two things tf2onnx 1.17 gets wrong are worked
+around, measured on the encoders we ship:
+
+- a grouped `Conv2D` runs, on Keras' TensorFlow backend, as an XLA-compiled function that
+  tf2onnx keeps as an opaque call; ConvNeXt's depthwise convolutions are `Conv2D(groups=C)`,
+  so the model is converted with each grouped convolution of one input channel per group as
+  the `DepthwiseConv2D` it is (`onnx_friendly`, weights reshaped, the same function);
+- exact GELU (ConvNeXt's `Activation("gelu")`) is computed by TensorFlow with `erfc`, which
+  ONNX lacks; it is converted as `0.5 * x * (1 + erf(x / sqrt(2)))`, the same function with
+  ONNX's `Erf`;
+- constants a layer holds as tensors rather than variables (EfficientNet's `Normalization`
+  mean and variance) are captured by the traced function and would become extra graph
+  inputs; they are written into the file as initializers.
 
 Example:
     >>> content = convert_to_onnx(model, embedded_metadata(model, "accurate", None))
@@ -138,6 +150,102 @@ def onnx_operators(proto) -> dict:
     return {"ops": ops, "custom_ops": custom}
 
 
+def _depthwise(layer) -> bool:
+    """A grouped Conv2D with one input channel per group: a depthwise convolution."""
+    return (
+        type(layer) is keras.layers.Conv2D
+        and layer.groups > 1
+        and layer.data_format == "channels_last"
+        and layer.built
+        and int(layer.kernel.shape[2]) == 1
+    )
+
+
+def _as_depthwise(layer):
+    """`layer` itself, or the DepthwiseConv2D computing what a grouped Conv2D of one channel per group computes."""
+    if not _depthwise(layer):
+        return layer
+    config = layer.get_config()
+    channels, multiplier = layer.groups, layer.filters // layer.groups
+    twin = keras.layers.DepthwiseConv2D(
+        kernel_size=layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=multiplier,
+        data_format="channels_last", dilation_rate=layer.dilation_rate, activation=config["activation"],
+        use_bias=layer.use_bias, dtype=layer.dtype_policy, name=layer.name,
+    )
+    twin.build((None, None, None, channels))
+    kernel = keras.ops.convert_to_numpy(layer.kernel)  # [kh, kw, 1, C * m]: output c * m + k is group c's k-th
+    weights = [kernel.reshape(*kernel.shape[:2], channels, multiplier)]
+    if layer.use_bias:
+        weights.append(keras.ops.convert_to_numpy(layer.bias))
+    twin.set_weights(weights)
+    return twin
+
+
+def _exact_gelu(layer) -> bool:
+    return type(layer) is keras.layers.Activation and layer.get_config().get("activation") == "gelu"
+
+
+def _erf_gelu(x):
+    """Exact GELU written with erf (an ONNX operator) instead of erfc (which TensorFlow uses)."""
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+def _replacement(layer):
+    """`layer` itself, or its ONNX-friendly twin (same function, weights copied)."""
+    if _exact_gelu(layer):
+        return keras.layers.Activation(_erf_gelu, name=layer.name, dtype=layer.dtype_policy)
+    return _as_depthwise(layer)
+
+
+def _needs_rewrite(model: keras.Model) -> bool:
+    return any(
+        _needs_rewrite(layer) if isinstance(layer, keras.Model) else _depthwise(layer) or _exact_gelu(layer)
+        for layer in model.layers
+    )
+
+
+def onnx_friendly(model: keras.Model) -> keras.Model:
+    """`model` as tf2onnx should convert it: float32, depthwise convolutions and exact GELU rewritten.
+
+    A mixed-precision model becomes its float32 copy (`rewrites.as_float32`); grouped
+    convolutions of one channel per group become `DepthwiseConv2D` and `Activation("gelu")` the
+    erf form; every other layer is shared with `model`. A model with none of these comes back
+    as it is.
+
+    Args:
+        model: keras.Model. A functional or Sequential model.
+
+    Returns:
+        keras.Model: the same function, in layers tf2onnx converts.
+
+    Example:
+        >>> friendly = onnx_friendly(build_unetpp((64, 64, 3), encoder="convnexttiny", depth=2))
+    """
+    model = as_float32(model)
+    if not _needs_rewrite(model):
+        return model
+    return keras.models.clone_model(model, clone_function=_replacement, recursive=True)
+
+
+def _captured_constants(concrete) -> dict:
+    """{placeholder name: value} of the eager tensors (not variables) a traced function captured."""
+    constants = {}
+    for external, internal in concrete.graph.captures:
+        if external.dtype != tf.resource and hasattr(external, "numpy"):
+            constants[internal.name] = external.numpy()
+    return constants
+
+
+def _inline_inputs(proto, constants: dict) -> None:
+    """Turn graph inputs that are captured constants into initializers holding their values."""
+    from onnx import numpy_helper
+
+    for value in list(proto.graph.input):
+        if value.name in constants:
+            proto.graph.input.remove(value)
+            proto.graph.initializer.append(numpy_helper.from_array(constants[value.name], value.name))
+
+
 def _name_dynamic_axes(values, names: tuple) -> None:
     """Name the dynamic axes of graph inputs/outputs "batch", "height", "width" (tf2onnx writes "unk__12")."""
     for value in values:
@@ -171,7 +279,7 @@ def convert_to_onnx(model: keras.Model, metadata: dict, opset: int = ONNX_OPSET)
     import tf2onnx
 
     _, *spatial, channels = model.input_shape
-    source = as_float32(model)
+    source = onnx_friendly(model)
     forward = padded_forward(source)
     shape = [None, *spatial, channels]
     spec = [tf.TensorSpec(shape, tf.float32, name="images")]
@@ -182,6 +290,7 @@ def convert_to_onnx(model: keras.Model, metadata: dict, opset: int = ONNX_OPSET)
 
     try:
         with _quiet_tf2onnx():
+            constants = _captured_constants(serve.get_concrete_function())
             proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
     except Exception as error:  # tf2onnx raises what its handlers raise
         text = str(error).strip()
@@ -190,6 +299,7 @@ def convert_to_onnx(model: keras.Model, metadata: dict, opset: int = ONNX_OPSET)
             f"ONNX conversion (tf2onnx {tf2onnx.__version__}, opset {opset}) of model {model.name!r} failed: "
             f"{reason}. Export SavedModel or TFLite instead, or replace the layer it names."
         ) from error
+    _inline_inputs(proto, constants)
     missing = unconverted_ops(proto, source)
     if missing:
         listed = "; ".join(f"{op} (in layer {', '.join(repr(n) for n in layers)})" for op, layers in missing.items())
@@ -197,6 +307,12 @@ def convert_to_onnx(model: keras.Model, metadata: dict, opset: int = ONNX_OPSET)
             f"ONNX conversion of model {model.name!r} failed: tf2onnx {tf2onnx.__version__} has no ONNX "
             f"(opset {opset}) equivalent of the TensorFlow op(s) {listed}. Replace the layer(s) with ones built "
             "from standard ops, or export SavedModel/TFLite (formats=('saved_model', 'tflite')) instead."
+        )
+    extra = [value.name for value in proto.graph.input if value.name != "images"]
+    if extra:
+        raise ValueError(
+            f"ONNX conversion of model {model.name!r} left graph inputs {extra} besides 'images' (values the "
+            "traced model reads from outside its weights); export SavedModel/TFLite instead."
         )
     axes = ("batch", *_SPATIAL_NAMES.get(len(spatial), ()))
     _name_dynamic_axes(proto.graph.input, axes)
