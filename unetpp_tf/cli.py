@@ -270,6 +270,9 @@ def _evaluate(args) -> int:
     from unetpp_tf.inference import load_model
 
     paths = [_model_file(p) for p in args.model]
+    if args.prune_report:
+        return _prune_report(args, paths)
+    args.split = args.split or "test"
     models = [load_model(p) for p in paths]
     data = _data_for(args, args.model[0])
     if data.volumes:
@@ -291,6 +294,39 @@ def _evaluate(args) -> int:
             print(f"{key:<10} {value:.4f}")
         elif isinstance(value, int):
             print(f"{key:<10} {value}")
+    return 0
+
+
+def _prune_report(args, paths: list[str]) -> int:
+    """`evaluate --prune-report`: every pruning level measured on the validation split, printed and saved."""
+    from unetpp_tf.pruning_report import format_prune_report, prune_report, write_prune_report
+
+    if len(paths) > 1:
+        raise ValueError("--prune-report: give one model or run directory (an ensemble has no pruning levels).")
+    tolerance = args.tolerance
+    if tolerance is not None:
+        from unetpp_tf.pruning_report import check_tolerance, choose_prune_level
+
+        tolerance = check_tolerance(tolerance)
+    data = _data_for(args, paths[0])
+    split = args.split or "val"
+    report = prune_report(paths[0], data[split], threshold=args.threshold, calibration=data.train.take(4),
+                          image_size=_spatial_size(args.image_size))
+    report["split"] = split
+    if tolerance is not None:
+        report["tolerance"], report["chosen"] = tolerance, choose_prune_level(report, tolerance)
+    run = _run_dir(paths[0])
+    folder = Path(args.report_dir) if args.report_dir else (run or Path(".")) / "prune_report"
+    written = write_prune_report(report, folder)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(format_prune_report(report, tolerance=tolerance))
+    if tolerance is not None:
+        from unetpp_tf.pruning_report import format_choice
+
+        print(format_choice(report))
+    print(f"wrote {', '.join(str(path) for path in written.values())}")
     return 0
 
 
@@ -361,7 +397,8 @@ def _export(args) -> int:
     from unetpp_tf.inference import load_model
 
     model_path = _model_file(args.model)
-    formats = [name for name, wanted in (("saved_model", args.saved_model), ("tflite", args.tflite)) if wanted]
+    wanted = (("saved_model", args.saved_model), ("tflite", args.tflite), ("onnx", args.onnx))
+    formats = [name for name, on in wanted if on]
     if not formats:
         formats = ["saved_model", "tflite"]
     run = _run_config(model_path)
@@ -371,12 +408,19 @@ def _export(args) -> int:
         args.data, args.images, args.masks = args.calibration_data, None, None
     if args.calibration_data or run:
         samples = _data_for(args, model_path).train.take(8)
-    elif "int8" in args.quantize or "tflite" in formats:
+    else:
         raise ValueError("export needs sample images for its parity check: pass --calibration-data DIR.")
+    model, mode, level = load_model(model_path), args.ds_mode, args.prune_level
+    if level == "auto":
+        from unetpp_tf.pruning_report import auto_prune_level, format_choice
+
+        level, choice = auto_prune_level(model, _data_for(args, model_path).val, args.tolerance,
+                                         threshold=args.threshold, image_size=_spatial_size(size))
+        mode = "accurate" if level is None else "fast"
+        print(f"--prune-level auto on the validation split: {format_choice(choice)}")
     report = export_model(
-        load_model(model_path), args.output, formats=formats, quantize=tuple(args.quantize),
-        image_size=_spatial_size(size), mode=args.ds_mode, level=args.prune_level,
-        calibration=samples, samples=samples,
+        model, args.output, formats=formats, quantize=tuple(args.quantize),
+        image_size=_spatial_size(size), mode=mode, level=level, calibration=samples, samples=samples,
     )
     print(format_report(report))
     return 0
@@ -414,7 +458,8 @@ def _summary(args) -> int:
 def _add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ds-mode", choices=("accurate", "fast"), default="accurate",
                         help="deep supervision: mean of all heads, or one pruned head")
-    parser.add_argument("--prune-level", type=int, help="head kept by --ds-mode fast (default: the deepest)")
+    parser.add_argument("--prune-level", type=_prune_level, metavar="L",
+                        help="head kept by --ds-mode fast (default: the deepest); export also takes auto")
     parser.add_argument("--threshold", type=float, default=0.5, help="binary foreground threshold")
 
 
@@ -422,6 +467,16 @@ def _add_postprocess_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess", choices=("auto", "none"), default="auto",
                         help="auto = apply the post-processing the model's run chose on its validation split "
                              "(postprocess.json, train --postprocess auto), if any; none = the labels as predicted")
+
+
+def _prune_level(text: str):
+    """--prune-level: a level number, or auto (export: the smallest level within --tolerance)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a level number (1..depth) or auto, not {text!r}") from None
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -460,7 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score a model (or an ensemble) on a data split")
     evaluate.add_argument("--model", required=True, nargs="+", help="model file(s) or run dir(s); several = ensemble")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--split", choices=("train", "val", "test"),
+                          help="split to score (default: test; val with --prune-report)")
+    evaluate.add_argument("--prune-report", action="store_true",
+                          help="deep-supervision models: Dice, parameters, FLOPs, batch-1 latency (Keras, int8 "
+                               "TFLite) and int8 file size of every pruning level L1..Ld and the full model; "
+                               "printed and saved (json, csv, png) in --report-dir")
+    evaluate.add_argument("--tolerance", type=float,
+                          help="with --prune-report: mark the smallest level within this Dice of the full model")
+    evaluate.add_argument("--report-dir", help="folder for the prune report (default: RUN/prune_report)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.add_argument("--csv", help="write per-image metrics to this CSV file")
     _add_data_flags(evaluate)
@@ -484,12 +547,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_postprocess_flag(predict)
     predict.set_defaults(run=_predict)
 
-    export = sub.add_parser("export", parents=[common], help="export SavedModel / TFLite with a parity report")
+    export = sub.add_parser("export", parents=[common], help="export SavedModel / TFLite / ONNX with a parity report")
     export.add_argument("--model", required=True, help="model file or run directory")
     export.add_argument("--output", required=True, help="folder for the artifacts")
     export.add_argument("--saved-model", action="store_true", help="write a SavedModel (uint8 serving signature)")
     export.add_argument("--tflite", action="store_true", help="write TFLite file(s)")
+    export.add_argument("--onnx", action="store_true",
+                        help="write an ONNX file (float32 images in), checked in onnxruntime (pip install "
+                             "'unetpp-tf[onnx]')")
     export.add_argument("--quantize", nargs="+", choices=("none", "float16", "dynamic", "int8"), default=["none"])
+    export.add_argument("--tolerance", type=float, default=0.01,
+                        help="--prune-level auto: the Dice a level may lose against the full model on the "
+                             "validation split (default 0.01)")
     export.add_argument("--calibration-data", help="image/mask folder for int8 calibration and the parity check")
     _add_data_flags(export)
     _add_inference_flags(export)
@@ -536,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.backend:
             _use_backend(args.backend, restart=argv is None)
+        if getattr(args, "prune_level", None) == "auto" and args.command != "export":
+            raise ValueError(f"--prune-level auto: only export chooses a level; {args.command} takes a level number "
+                             "(see evaluate --prune-report --tolerance T for the one auto would choose).")
         with native_stderr_silenced(), warnings.catch_warnings():
             warnings.showwarning = _warning_line
             return args.run(args)
