@@ -76,16 +76,24 @@ def _batches(dataset) -> list:
     return batches
 
 
-def _median_ms(fn, image, runs: int, warmup: int = 2) -> float:
-    """Median milliseconds of `fn(image)` over `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn(image)
-    times = []
+def _time_interleaved(timers: list, image, runs: int, warmup: int = 2) -> None:
+    """Set `row[key]` to the median ms of `fn(image)` for each (row, key, fn) in `timers`.
+
+    Every function is warmed up `warmup` times, then timed once per round for `runs` rounds,
+    all of them in each round: a load spike from another process then slows every row alike
+    instead of the row that happened to be measuring.
+    """
+    for _, _, fn in timers:
+        for _ in range(warmup):
+            fn(image)
+    times = [[] for _ in timers]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn(image)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+        for (_, _, fn), spent in zip(timers, times):
+            start = time.perf_counter()
+            fn(image)
+            spent.append((time.perf_counter() - start) * 1000.0)
+    for (row, key, _), spent in zip(timers, times):
+        row[key] = statistics.median(spent)
 
 
 def _check_runs(latency_runs) -> int:
@@ -106,8 +114,8 @@ def _file_bytes(model: keras.Model, folder: Path) -> int:
     return path.stat().st_size
 
 
-def _int8_entry(model, mode, level, folder, size, calibration, steps, num_threads, image, runs) -> dict:
-    """Export the int8 TFLite file as `export_model` writes it; its size, agreement and batch-1 latency."""
+def _int8_file(model, mode, level, folder, size, calibration, steps, num_threads) -> tuple:
+    """Export the int8 TFLite file as `export_model` writes it: (its runner, {size, agreement})."""
     out = folder / (f"L{level}" if level is not None else FULL)
     report = export_model(
         model, out, formats=("tflite",), quantize=("int8",), image_size=size, mode=mode, level=level,
@@ -116,11 +124,7 @@ def _int8_entry(model, mode, level, folder, size, calibration, steps, num_thread
     )
     artifact = report["artifacts"][0]
     lite = TFLiteModel(artifact["path"], num_threads=num_threads)
-    return {
-        "int8_ms": _median_ms(lite, image, runs),
-        "int8_bytes": int(artifact["size_bytes"]),
-        "int8_agreement": artifact["dice_agreement"],
-    }
+    return lite, {"int8_bytes": int(artifact["size_bytes"]), "int8_agreement": artifact["dice_agreement"]}
 
 
 def prune_report(
@@ -145,7 +149,8 @@ def prune_report(
     exported once to an int8 TFLite file exactly as `export_model` writes it (calibrated on
     `calibration`), in a temporary folder removed afterwards; latencies are batch-1 medians
     over `latency_runs` runs after two warm-up runs, Keras through `predict_on_batch` (its
-    compiled function) and int8 through `TFLiteModel`, on the same image. The int8 files cost
+    compiled function) and int8 through `TFLiteModel`, on the same image. The runs are
+    interleaved (each round times every row once), so a busy machine slows all rows alike. The int8 files cost
     the most time (a conversion per row, seconds for small models); `timing=False` skips them
     and the Keras timings when only the Dice is needed.
 
@@ -206,7 +211,7 @@ def prune_report(
         source = [images for images, _ in batches] if calibration is None else calibration
         calibration_set = collect_images(source, size, channels, steps, "calibration")
 
-    rows = []
+    rows, timers = [], []
     with tempfile.TemporaryDirectory(prefix="prune-report-") as scratch:
         for level in [*sorted(heads), None]:
             mode = "accurate" if level is None else "fast"
@@ -224,11 +229,12 @@ def prune_report(
             }
             if timing:
                 folder = Path(scratch)
-                row["keras_ms"] = _median_ms(single.predict_on_batch, probe, runs)
                 row["keras_bytes"] = _file_bytes(single, folder)
-                row.update(_int8_entry(model, mode, level, folder, size, calibration_set, steps, num_threads,
-                                       probe, runs))
+                lite, entry = _int8_file(model, mode, level, folder, size, calibration_set, steps, num_threads)
+                row.update(entry)
+                timers += [(row, "keras_ms", single.predict_on_batch), (row, "int8_ms", lite)]
             rows.append(row)
+        _time_interleaved(timers, probe, runs)
     return {
         "rows": rows,
         "reference": FULL,
