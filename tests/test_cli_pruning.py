@@ -17,8 +17,14 @@ TRAIN = ["--num-samples", "40", "--image-size", "32", "--depth", "2", "--filters
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     output = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TRAIN, "--output-dir", str(output), "--name", "ds"]) == 0
+    assert main(["train", *TRAIN, "--output-dir", str(output), "--name", "ds", "--export-onnx"]) == 0
     return output / "ds"
+
+
+def test_a_run_exports_onnx_when_asked(run):
+    record = json.loads((run / "metrics.json").read_text())["export"]
+    assert (run / "export" / "model.onnx").is_file()
+    assert record["model"]["dice_agreement"] >= 0.99
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ TRAIN_HELP = {
     "init_timeout": "multi-worker: seconds to wait for the coordinator and every worker",
     "export_saved_model": "export a SavedModel into the run",
     "export_tflite": "export a float32 TFLite file into the run",
+    "export_onnx": "export an ONNX file into the run (pip install 'unetpp-tf[onnx]')",
     "postprocess": "auto = after training, try removing small components, keeping the largest component and "
                    "filling holes on the validation split; keep those that raise Dice (postprocess.json; predict "
                    "and evaluate apply them)",

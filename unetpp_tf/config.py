@@ -140,6 +140,7 @@ class TrainConfig:
     # outputs
     export_saved_model: bool = True
     export_tflite: bool = True
+    export_onnx: bool = False
     postprocess: str = "none"
 
     def __post_init__(self):

@@ -91,8 +91,8 @@ CONFIG_FILE = "config.json"
 BACKUP_DIR = "backup"
 # Settings a resumed run may change: where the run is, what is exported and chosen at the end, and where
 # its workers are (a multi-worker run may resume on other machines, or on another number of them)
-RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "postprocess", "coordinator",
-               "num_processes", "process_id", "init_timeout")
+RESUME_FREE = ("name", "output_dir", "export_saved_model", "export_tflite", "export_onnx", "postprocess",
+               "coordinator", "num_processes", "process_id", "init_timeout")
 CLUSTER_FIELDS = ("coordinator", "num_processes", "process_id", "init_timeout")
 
 
@@ -1181,7 +1181,7 @@ def finish_run(config: TrainConfig, data: SegmentationData, run: Path, record: d
         middle = images.shape[1] // 2
         images, masks, probabilities = images[:, middle], masks[:, middle], probabilities[:, middle]
     viz.plot_predictions(images, masks, probabilities, path=figures / "predictions.png")
-    wanted = {"saved_model": config.export_saved_model, "tflite": config.export_tflite}
+    wanted = {"saved_model": config.export_saved_model, "tflite": config.export_tflite, "onnx": config.export_onnx}
     formats = [name for name, on in wanted.items() if on]
     if formats:
         from unetpp_tf.export import export_model  # deferred: it pulls in the TFLite converter
