@@ -322,11 +322,7 @@ def _prune_report(args, paths: list[str]) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(format_prune_report(report, tolerance=tolerance))
-    if tolerance is not None:
-        from unetpp_tf.pruning_report import format_choice
-
-        print(format_choice(report))
+    print(format_prune_report(report, tolerance=tolerance))  # ends with the chosen level when given a tolerance
     print(f"wrote {', '.join(str(path) for path in written.values())}")
     return 0
 

@@ -43,11 +43,11 @@ from unetpp_tf import files
 from unetpp_tf.data.pipeline import SegmentationData
 from unetpp_tf.evaluation import evaluate
 from unetpp_tf.export import export_model
-from unetpp_tf.export.exporter import _fixed_size
+from unetpp_tf.export.exporter import export_size
 from unetpp_tf.export.parity import collect_images
 from unetpp_tf.inference import as_single_output, load_model
 from unetpp_tf.models.analysis import count_flops
-from unetpp_tf.models.pruning import _deep_supervision_heads
+from unetpp_tf.models.pruning import required_heads
 from unetpp_tf.runners import TFLiteModel
 
 REPORT_FILES = {"json": "prune_report.json", "csv": "prune_report.csv", "png": "prune_report.png"}
@@ -193,7 +193,7 @@ def prune_report(
             f"prune_report needs the Keras model with its deep-supervision heads (a .keras file), got "
             f"{type(model).__name__}: an exported file holds one head already."
         )
-    heads = _deep_supervision_heads(model, "measure the pruning levels of")
+    heads = required_heads(model, "measure the pruning levels of")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise ValueError(
             f"prune_report measures 2D image models; model {model.name!r} takes inputs {model.input_shape}. "
@@ -204,7 +204,7 @@ def prune_report(
     batches = _batches(dataset)
     depth, channels = max(heads), int(model.input_shape[-1])
     full = as_single_output(model, "accurate")
-    size = _fixed_size(full, image_size, required=False) or tuple(int(n) for n in batches[0][0].shape[1:3])
+    size = export_size(full, image_size, required=False) or tuple(int(n) for n in batches[0][0].shape[1:3])
     probe = collect_images([batches[0][0]], size, channels, 1, "dataset")[0]
     calibration_set = None
     if timing:

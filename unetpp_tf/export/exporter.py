@@ -144,7 +144,7 @@ def export_model(
     if mode == "fast" and level is None and len(model.outputs) > 1:
         level = max(supervision_heads(model))
     channels = single.input_shape[-1]
-    size = _fixed_size(single, image_size, required="tflite" in formats)
+    size = export_size(single, image_size, required="tflite" in formats)
     wants_int8 = "tflite" in formats and "int8" in quantize
     if wants_int8 and calibration is None:
         raise ValueError(
@@ -287,9 +287,14 @@ def _as_names(value, allowed, what, aliases=None):
     return tuple(dict.fromkeys(names))
 
 
-def _fixed_size(model: keras.Model, image_size, required: bool):
+def export_size(model: keras.Model, image_size, required: bool):
     """The spatial size TFLite needs ((H, W), or (D, H, W) for volumes): image_size, else the
-    model's fixed size, else the recorded training size."""
+    model's fixed size, else the recorded training size; None when there is none and not `required`.
+
+    Example:
+        >>> export_size(build_unetpp((96, 96, 1)), None, required=True)
+        (96, 96)
+    """
     _, *spatial, channels = model.input_shape
     names = ("height", "width") if len(spatial) == 2 else ("depth", "height", "width")
     wanted = "(" + ", ".join(names) + ")"
@@ -300,7 +305,7 @@ def _fixed_size(model: keras.Model, image_size, required: bool):
             return tuple(int(n) for n in spatial)
         recorded = (model_preprocessing(model) or {}).get("image_size")
         if recorded is not None and len(spatial) == 2:
-            return _fixed_size(model, recorded, required)
+            return export_size(model, recorded, required)
         if required:
             example = "(256, 256)" if len(spatial) == 2 else "(64, 128, 128)"
             raise ValueError(

@@ -32,7 +32,14 @@ def supervision_heads(model: keras.Model) -> dict[int, keras.layers.Layer]:
     return heads
 
 
-def _deep_supervision_heads(model: keras.Model, action: str) -> dict[int, keras.layers.Layer]:
+def required_heads(model: keras.Model, action: str) -> dict[int, keras.layers.Layer]:
+    """`supervision_heads`, or a ValueError saying the model cannot `action` without deep supervision.
+
+    Example:
+        >>> required_heads(build_unetpp((32, 32, 1), depth=2, filters=4), "prune")
+        Traceback (most recent call last):
+        ValueError: cannot prune model 'unetpp': it was not built with deep supervision ...
+    """
     heads = supervision_heads(model)
     if len(heads) < 2:
         names = ", ".join(model.output_names)
@@ -63,7 +70,7 @@ def prune(model: keras.Model, level: int) -> keras.Model:
         >>> full = build_unetpp((96, 96, 1), deep_supervision=True)
         >>> fast = prune(full, 2)   # X(0,0..2), X(1,0..1), X(2,0) and head 2
     """
-    heads = _deep_supervision_heads(model, "prune")
+    heads = required_heads(model, "prune")
     if isinstance(level, bool) or not isinstance(level, int) or level not in heads:
         raise ValueError(
             f"prune level must be an integer in 1..{max(heads)} (the heads of this depth-"
@@ -93,7 +100,7 @@ def inference_model(model: keras.Model, mode: str = "accurate", level: int | Non
     """
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}.")
-    heads = _deep_supervision_heads(model, f"use {mode!r} mode on")
+    heads = required_heads(model, f"use {mode!r} mode on")
     if mode == "fast":
         return prune(model, max(heads) if level is None else level)
     if level is not None:
