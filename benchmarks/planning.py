@@ -30,6 +30,7 @@ Usage:
     python benchmarks/planning.py                                # all regimes, seed 0
     python benchmarks/planning.py --regimes base,pets --seeds 2 --memory-budget 2.5
     python benchmarks/planning.py --epochs 4                     # both arms with 4 epochs
+    python benchmarks/planning.py --regimes pets --memory-budget 1.3   # a budget the plan must step down for
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="training seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--memory-budget", type=float, default=2.5, help="GB, for the planned arm")
     parser.add_argument("--epochs", type=int, help="epochs of both arms (default: each arm's own, 10)")
     parser.add_argument("--work", default="saved_models/planning", help="data cache and runs")
@@ -199,7 +201,7 @@ def main() -> None:
         if regime not in REGIMES:
             parser.error(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
         folders = data_for(regime, work)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             result = dict(regime=regime, seed=seed)
             for arm in ("defaults", "planned"):
                 spec = dict(regime=regime, arm=arm, seed=seed, epochs=args.epochs, budget=args.memory_budget,
