@@ -1,6 +1,6 @@
 """The `unetpp-tf` command line: a thin front over the library.
 
-Subcommands: train, evaluate, predict, export, summary. Each parses its flags, calls one
+Subcommands: train, evaluate, predict, export, summary, plan. Each parses its flags, calls one
 library function and prints what it returns. A bad input prints the library's whole message
 (no traceback) on stderr and exits with status 2; nothing else in the package prints.
 TensorFlow's native start-up chatter is filtered out of stderr; its other native lines (a
@@ -184,9 +184,16 @@ def _recorded_config(settings: dict) -> Path | None:
 def _train(args) -> int:
     from unetpp_tf.training import train
 
-    run, history = train(
-        _config_from_args(args), resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else "auto"
-    )
+    config, chosen = _config_from_args(args), None
+    if args.auto:
+        config, chosen = _auto_config(args, config)
+    elif args.memory_budget is not None:
+        raise ValueError("--memory-budget plans the run: add --auto (or run unetpp-tf plan).")
+    run, history = train(config, resume=args.resume, overwrite=args.overwrite, verbose=0 if args.quiet else "auto")
+    if chosen is not None:
+        from unetpp_tf.files import write_json
+
+        write_json(run / "plan.json", chosen.to_dict())
     record = json.loads((run / "metrics.json").read_text())
     metrics = record["test"]
     scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("dice", "iou", "precision", "recall") if k in metrics)
@@ -208,6 +215,45 @@ def _train(args) -> int:
             each = {key: metrics["per_class"][key][i] for key in ("dice", "iou", "hd95", "assd")}
             print(f"  {name}: dice {each['dice']:.4f}, iou {each['iou']:.4f}, "
                   f"hd95 {_millimetres(each['hd95'])}, assd {_millimetres(each['assd'])}")
+    return 0
+
+
+def _auto_config(args, config: TrainConfig):
+    """`train --auto`: the settings planned from the data, except those given by flag or --config file."""
+    from unetpp_tf.planning import format_plan, planned_config
+
+    if args.resume:
+        raise ValueError("--auto with --resume: a resumed run keeps the settings it planned (its config.json); "
+                         "drop --auto.")
+    if config.strategy == "multi-worker":
+        raise ValueError("--auto with --strategy multi-worker: each worker would measure on its own; plan once "
+                         "with unetpp-tf plan --data DIR --output plan.json and give every worker --config plan.json.")
+    given = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.config:
+        given |= set(load_config(args.config))
+    config, chosen = planned_config(config, given, args.memory_budget)
+    print(format_plan(chosen), flush=True)
+    return config, chosen
+
+
+def _plan(args) -> int:
+    from unetpp_tf.data.fingerprint import fingerprint
+    from unetpp_tf.files import write_json
+    from unetpp_tf.planning import format_plan, plan
+
+    fp = fingerprint(args.data, task=args.task, num_samples=args.num_samples)
+    chosen = plan(fp, memory_budget_gb=args.memory_budget, measure=not args.no_measure)
+    if args.output:
+        settings = {"data": args.data, **chosen.settings}
+        if args.data == "synthetic":
+            settings["task"] = args.task
+        write_json(args.output, json.loads(json.dumps(settings)))
+    if args.json:
+        print(json.dumps(chosen.to_dict()))
+        return 0
+    print(format_plan(chosen))
+    if args.output:
+        print(f"wrote {args.output}: train with unetpp-tf train --config {args.output}")
     return 0
 
 
@@ -507,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted (or killed) run from its last finished epoch, same settings")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--auto", action="store_true",
+                       help="plan the settings from the data (unetpp-tf plan); flags and --config values given "
+                            "are kept; the plan is printed and saved as RUN/plan.json")
+    train.add_argument("--memory-budget", type=float, metavar="GB",
+                       help="with --auto: the most memory training may take (host memory on the CPU, device "
+                            "memory with a GPU), measured in a short trial run")
     _add_config_flags(train)
     train.set_defaults(run=_train)
 
@@ -560,6 +612,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(export)
     _add_inference_flags(export)
     export.set_defaults(run=_export)
+
+    plan = sub.add_parser("plan", parents=[common],
+                          help="fingerprint a dataset and plan a training configuration within a memory budget")
+    plan.add_argument("--data", default="synthetic",
+                      help="a folder (images/ and masks/, or scans), synthetic, synthetic-ct or tfds:NAME")
+    plan.add_argument("--task", choices=CHOICES["task"], default="binary", help="synthetic data task")
+    plan.add_argument("--num-samples", type=int, help="synthetic data: number of images (scans)")
+    plan.add_argument("--memory-budget", type=float, metavar="GB",
+                      help="the most memory training may take, measured in a short trial run (default: no budget)")
+    plan.add_argument("--no-measure", action="store_true",
+                      help="estimate the memory instead of measuring it (seconds instead of a trial run)")
+    plan.add_argument("--json", action="store_true",
+                      help="print the plan (settings, reasons, memory, fingerprint) as one JSON object")
+    plan.add_argument("--output", metavar="FILE", help="write the settings as a config file for train --config")
+    plan.set_defaults(run=_plan)
 
     summary = sub.add_parser("summary", parents=[common], help="build a model and print its layers and parameter count")
     summary.add_argument("--arch", choices=CHOICES["arch"], default="unetpp", help="model architecture")
