@@ -16,6 +16,7 @@ with native_stderr_silenced():
     import tensorflow  # noqa: F401  (its native start-up notices stay off the terminal)
 
 from unetpp_tf import data, export, losses, metrics, surface_distance, viz  # noqa: E402
+from unetpp_tf import planning, postprocess, pruning_report  # noqa: E402
 from unetpp_tf.config import TrainConfig  # noqa: E402
 from unetpp_tf.evaluation import evaluate, evaluate_volumes  # noqa: E402
 from unetpp_tf.inference import load_model, predict, predict_files  # noqa: E402
@@ -55,11 +56,14 @@ __all__ = [
     "losses",
     "metrics",
     "model_preprocessing",
+    "planning",
+    "postprocess",
     "predict",
     "predict_files",
     "predict_scans",
     "predict_volume",
     "prune",
+    "pruning_report",
     "sliding_window_predict",
     "surface_distance",
     "train",
