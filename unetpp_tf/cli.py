@@ -231,9 +231,18 @@ def _auto_config(args, config: TrainConfig):
     given = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:
         given |= set(load_config(args.config))
-    config, chosen = planned_config(config, given, args.memory_budget)
+    config, chosen = _measured(planned_config, config, given, args.memory_budget)
     print(format_plan(chosen), flush=True)
     return config, chosen
+
+
+def _measured(planner, *args, **kwargs):
+    """Call a planning function; a failed trial run (RuntimeError: its child's last lines) is a plain error."""
+    try:
+        return planner(*args, **kwargs)
+    except RuntimeError as error:
+        raise ValueError(f"{error_message(error)}\nPlan without the trial run with unetpp-tf plan --no-measure, "
+                         "or give the settings yourself.") from None
 
 
 def _plan(args) -> int:
@@ -242,7 +251,7 @@ def _plan(args) -> int:
     from unetpp_tf.planning import format_plan, plan
 
     fp = fingerprint(args.data, task=args.task, num_samples=args.num_samples)
-    chosen = plan(fp, memory_budget_gb=args.memory_budget, measure=not args.no_measure)
+    chosen = _measured(plan, fp, memory_budget_gb=args.memory_budget, measure=not args.no_measure)
     if args.output:
         settings = {"data": args.data, **chosen.settings}
         if args.data == "synthetic":
