@@ -1,8 +1,10 @@
 """Multi-worker training: several `unetpp-tf train --strategy multi-worker` processes on this CPU.
 
-Each test starts worker processes on the JAX backend (whatever backend this session runs),
-so the module runs once, in the TensorFlow session. The workers share a JAX compilation
-cache, so only the first run compiles.
+Each process test starts worker processes on the JAX backend (whatever backend this session
+runs), so those run once, in the TensorFlow session. The workers share a JAX compilation
+cache, so only the first run compiles. How a global batch is split over workers is checked
+directly for 2 and 4 workers; processes are started for 2 (killed and resumed: the
+single-process weights).
 """
 
 import json
@@ -81,17 +83,21 @@ def single_run(jax_env, tmp_path_factory):
     return output / "one"
 
 
-@pytest.mark.slow
-def test_four_workers_end_with_the_weights_of_one_process(jax_env, tmp_path, single_run):
-    _finish(_train(jax_env, tmp_path, "four", "--epochs", "3", workers=4, port=_free_port()))
-    run = tmp_path / "four"
-    _assert_same_weights(_weights(single_run), _weights(run))
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["workers"] == 4 and metrics["backend"] == "jax"
-    # only the chief wrote: one history, no worker folders next to the run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["four"]
-    history = (run / "history.csv").read_text().splitlines()
-    assert len(history) == 1 + 3
+@pytest.mark.backend_independent
+@pytest.mark.parametrize("workers", [2, 4])
+def test_the_workers_slices_make_up_each_global_batch_in_order(workers):
+    import tensorflow as tf
+
+    from unetpp_tf.distributed import worker_slice
+
+    images = np.arange(2 * 8 * 3, dtype="float32").reshape(2 * 8, 3)
+    masks = np.arange(2 * 8, dtype="int32")
+    batches = tf.data.Dataset.from_tensor_slices((images, masks)).batch(8)
+    parts = [list(worker_slice(batches, k, workers).as_numpy_iterator()) for k in range(workers)]
+    for step, (want_images, want_masks) in enumerate(batches.as_numpy_iterator()):
+        assert all(len(part[step][0]) == 8 // workers for part in parts)
+        np.testing.assert_array_equal(np.concatenate([part[step][0] for part in parts]), want_images)
+        np.testing.assert_array_equal(np.concatenate([part[step][1] for part in parts]), want_masks)
 
 
 @pytest.mark.slow
@@ -118,6 +124,9 @@ def test_a_killed_worker_resumes_from_the_last_backup_with_two_workers(jax_env, 
     epochs = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["0", "1", "2"]  # no epoch trained twice, none lost
     _assert_same_weights(_weights(single_run), _weights(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["backend"] == "jax"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # only the chief wrote: no worker folders
 
 
 def test_a_worker_that_cannot_reach_the_coordinator_fails_in_time_with_one_line(jax_env, tmp_path):
