@@ -8,7 +8,7 @@ from unetpp_tf.cli import main
 from unetpp_tf.config import TrainConfig, load_config
 
 TINY = ["--num-samples", "40", "--image-size", "32", "--depth", "2", "--filters", "4", "--epochs", "1",
-        "--batch-size", "8", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
+        "--batch-size", "8", "--min-steps", "0", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
 
 
 def test_plan_prints_a_reason_for_every_setting_and_writes_a_config(tmp_path, capsys):
@@ -35,7 +35,9 @@ def test_train_auto_keeps_the_given_flags_and_records_the_plan(tmp_path, capsys)
     recorded = json.loads((run / "config.json").read_text())
     assert "setting" in out and "reason" in out and "test: dice" in out
     assert (recorded["image_size"], recorded["depth"], recorded["filters"]) == ([32, 32], 2, 4)  # given: kept
-    for name in set(chosen["settings"]) - {"image_size", "depth", "filters", "batch_size", "epochs"}:
+    planned = set(chosen["settings"]) - {"image_size", "depth", "filters", "batch_size", "epochs", "min_steps"}
+    assert {"normalize", "recompute"} <= planned
+    for name in planned:
         assert recorded[name] == chosen["settings"][name], name  # planned: applied
 
 

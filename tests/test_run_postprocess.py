@@ -12,7 +12,7 @@ from unetpp_tf.cli import main
 from unetpp_tf.evaluation import evaluate
 from unetpp_tf.postprocess import POSTPROCESS_FILE, read_postprocessing, write_postprocessing
 from unetpp_tf.config import TrainConfig
-from unetpp_tf.training import load_data
+from unetpp_tf.training import load_data, postprocessing_for_run
 
 TRAIN = ["--num-samples", "40", "--image-size", "32", "--depth", "2", "--filters", "4", "--epochs", "1",
          "--batch-size", "8", "--min-steps", "0", "--quiet", "--no-export-saved-model", "--no-export-tflite"]
@@ -43,13 +43,10 @@ def test_train_chooses_records_and_evaluate_applies_the_steps(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dice"] == pytest.approx(raw, abs=1e-5)
 
 
-def test_training_without_postprocess_removes_a_stale_choice(tmp_path, capsys):
-    run = tmp_path / "plain"
-    run.mkdir()
-    write_postprocessing(run, {"steps": [{"op": "fill_holes"}]})  # left by an earlier finish
-    assert main(["train", *TRAIN, "--output-dir", str(tmp_path), "--name", "plain", "--overwrite"]) == 0
-    assert not (run / POSTPROCESS_FILE).exists()
-    assert "postprocess" not in json.loads((run / "metrics.json").read_text())
+def test_a_run_without_postprocess_removes_a_stale_choice(tmp_path):
+    write_postprocessing(tmp_path, {"steps": [{"op": "fill_holes"}]})  # left by an earlier finish of the run
+    assert postprocessing_for_run(TrainConfig(postprocess="none"), data=None, model=None, run=tmp_path) is None
+    assert not (tmp_path / POSTPROCESS_FILE).exists()
 
 
 def _threshold_model(path):
