@@ -15,6 +15,7 @@ import tensorflow as tf
 import unetpp_tf
 from unetpp_tf import inference
 from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model, exporter, format_report
+from tiny_models import fit_deep_supervision
 
 ALL_QUANT = ("none", "float16", "dynamic", "int8")
 
@@ -31,15 +32,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data):
     """A tiny deep-supervision UNet++ trained long enough to predict both classes."""
-    keras.utils.set_random_seed(0)
-    model = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4, deep_supervision=True)
-    heads = len(model.outputs)
-    model.compile(keras.optimizers.Adam(1e-2), loss=[unetpp_tf.losses.BCEDiceLoss()] * heads)
-    model.fit(data.train.map(lambda x, y: (x, (y,) * heads)), epochs=5, shuffle=False, verbose=0)
-    images = np.concatenate([x for x, _ in data.test.as_numpy_iterator()])
-    foreground = (unetpp_tf.inference_model(model).predict(images, verbose=0) >= 0.5).mean()
-    assert 0.1 < foreground < 0.9, f"the fixture model predicts {foreground:.0%} foreground"
-    return model
+    return fit_deep_supervision(data, epochs=5)
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def _interpreter_class():
 
 
 class _ExportedModel:
-    """What TFLiteModel and SavedModelRunner share: the Keras-like surface that lets
+    """What TFLiteModel, SavedModelRunner and OnnxModel share: the Keras-like surface that lets
     `unetpp_tf.predict`, `evaluate` and the CLI use them in place of a Keras model.
     Subclasses define `__call__`, `input_shape` and `output_shape`."""
 
@@ -170,7 +170,9 @@ class _ExportedModel:
         Args:
             x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
                 dtype's range), or a dataset of images or (images, masks) batches.
-            batch_size: int or None. Ignored (kept for Keras compatibility). Defaults to None.
+            batch_size: int or None. Images per call of a runner that batches
+                (SavedModelRunner, OnnxModel); None keeps the runner's. A TFLite file runs
+                one image at a time and ignores it. Defaults to None.
             verbose: int. Ignored, for Keras compatibility. Defaults to 0.
 
         Returns:
@@ -179,7 +181,14 @@ class _ExportedModel:
         Example:
             >>> probabilities = TFLiteModel("export/model_float32.tflite").predict(data.test)
         """
-        return self(_predict_input(x, len(self.input_shape) - 2))
+        images = _predict_input(x, len(self.input_shape) - 2)
+        if batch_size is None or not hasattr(self, "batch_size"):
+            return self(images)
+        saved, self.batch_size = self.batch_size, int(batch_size)
+        try:
+            return self(images)
+        finally:
+            self.batch_size = saved
 
     def predict_on_batch(self, x) -> np.ndarray:
         """Keras-style alias of `__call__` for one batch of images."""
@@ -413,28 +422,6 @@ class SavedModelRunner(_ExportedModel):
                 ) from error
         return np.concatenate(results, axis=0)
 
-    def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
-        """Keras-style alias of `__call__`; also accepts an iterable of batches.
-
-        Args:
-            x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
-                dtype's range), or a dataset of images or (images, masks) batches.
-            batch_size: int or None. Images per call; None keeps the runner's.
-                Defaults to None.
-            verbose: int. Ignored, for Keras compatibility. Defaults to 0.
-
-        Returns:
-            np.ndarray: float32 probabilities [N, H, W, K].
-
-        Example:
-            >>> probabilities = SavedModelRunner("export/saved_model").predict(data.test)
-        """
-        saved, self.batch_size = self.batch_size, int(batch_size or self.batch_size)
-        try:
-            return self(_predict_input(x, len(self.input_shape) - 2))
-        finally:
-            self.batch_size = saved
-
     def __repr__(self):
         return f"SavedModelRunner({str(self.path)!r})"
 
@@ -582,27 +569,6 @@ class OnnxModel(_ExportedModel):
                     f"{needs}. Run the images through unetpp_tf.predict, which pads them, or export the model again."
                 ) from None
         return np.asarray(np.concatenate(results, axis=0), np.float32)
-
-    def predict(self, x, batch_size: int | None = None, verbose=0, **kwargs) -> np.ndarray:
-        """Keras-style alias of `__call__`; also accepts an iterable of batches.
-
-        Args:
-            x: array, tensor or iterable. Images [N, H, W, C] (float32, scaled by their
-                dtype's range), or a dataset of images or (images, masks) batches.
-            batch_size: int or None. Images per run; None keeps the runner's. Defaults to None.
-            verbose: int. Ignored, for Keras compatibility. Defaults to 0.
-
-        Returns:
-            np.ndarray: float32 probabilities [N, H, W, K].
-
-        Example:
-            >>> probabilities = OnnxModel("export/model.onnx").predict(data.test)
-        """
-        saved, self.batch_size = self.batch_size, int(batch_size or self.batch_size)
-        try:
-            return self(_predict_input(x, len(self.input_shape) - 2))
-        finally:
-            self.batch_size = saved
 
     def __repr__(self):
         return f"OnnxModel({str(self.path)!r}, input float32 {list(self.input_shape)})"
