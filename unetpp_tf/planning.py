@@ -201,8 +201,8 @@ def _jsonable(settings: dict) -> dict:
 
 
 _MODEL_FIELDS = ("arch", "depth", "filters", "batch_size", "recompute", "deep_supervision", "augment", "augmentation",
-                 "patch_size",
-                 "volume_mode", "mixed_precision", "xla", "batch_norm", "upsampling", "encoder", "dropout")
+                 "patch_size", "volume_mode", "mixed_precision", "xla", "batch_norm", "upsampling", "encoder",
+                 "dropout")
 
 
 def _measure_in_this_process(spec: dict) -> dict:
