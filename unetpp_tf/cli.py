@@ -206,10 +206,10 @@ def _train(args) -> int:
     else:
         print(f"test: {scores}")
     if "postprocess" in record:
-        chosen = record["postprocess"]
-        steps = ", ".join(_step_text(step) for step in chosen["steps"]) or "none raised the validation Dice"
-        print(f"post-processing: {steps} (validation dice {chosen['val_dice_before']:.4f} -> "
-              f"{chosen['val_dice_after']:.4f}; applied to the test scores and by predict)")
+        kept = record["postprocess"]
+        steps = ", ".join(_step_text(step) for step in kept["steps"]) or "none raised the validation Dice"
+        print(f"post-processing: {steps} (validation dice {kept['val_dice_before']:.4f} -> "
+              f"{kept['val_dice_after']:.4f}; applied to the test scores and by predict)")
     if "hd95" in metrics:  # scans: per class, with surface distances in mm
         for i, name in enumerate(metrics["classes"]):
             each = {key: metrics["per_class"][key][i] for key in ("dice", "iou", "hd95", "assd")}
@@ -256,7 +256,7 @@ def _plan(args) -> int:
         settings = {"data": args.data, **chosen.settings}
         if args.data == "synthetic":
             settings["task"] = args.task
-        write_json(args.output, json.loads(json.dumps(settings)))
+        write_json(args.output, settings)
     if args.json:
         print(json.dumps(chosen.to_dict()))
         return 0
@@ -328,6 +328,8 @@ def _evaluate(args) -> int:
     paths = [_model_file(p) for p in args.model]
     if args.prune_report:
         return _prune_report(args, paths)
+    if args.tolerance is not None or args.report_dir:
+        raise ValueError("--tolerance and --report-dir are for --prune-report; add it, or drop them.")
     args.split = args.split or "test"
     models = [load_model(p) for p in paths]
     data = _data_for(args, args.model[0])
@@ -355,15 +357,17 @@ def _evaluate(args) -> int:
 
 def _prune_report(args, paths: list[str]) -> int:
     """`evaluate --prune-report`: every pruning level measured on the validation split, printed and saved."""
-    from unetpp_tf.pruning_report import format_prune_report, prune_report, write_prune_report
+    from unetpp_tf.pruning_report import (
+        check_tolerance,
+        choose_prune_level,
+        format_prune_report,
+        prune_report,
+        write_prune_report,
+    )
 
     if len(paths) > 1:
         raise ValueError("--prune-report: give one model or run directory (an ensemble has no pruning levels).")
-    tolerance = args.tolerance
-    if tolerance is not None:
-        from unetpp_tf.pruning_report import check_tolerance, choose_prune_level
-
-        tolerance = check_tolerance(tolerance)
+    tolerance = None if args.tolerance is None else check_tolerance(args.tolerance)
     data = _data_for(args, paths[0])
     split = args.split or "val"
     report = prune_report(paths[0], data[split], threshold=args.threshold, calibration=data.train.take(4),
