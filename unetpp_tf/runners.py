@@ -160,6 +160,15 @@ class _ExportedModel:
         return int(self.output_shape[-1])
 
     @property
+    def size_divisor(self) -> int | None:
+        """What free spatial sizes must be divisible by: 1 when the file pads inside its graph
+        (`export_model`'s SavedModel and ONNX files), else the recorded 2**depth, None if not
+        recorded. A TFLite file has a fixed size and returns 1."""
+        if self.metadata.get("pads_to_divisor"):
+            return 1
+        return self.metadata.get("size_divisor")
+
+    @property
     def preprocessing(self) -> dict | None:
         """The exported model's `InputPreprocessing` settings (see `model_preprocessing`), or None."""
         return self.metadata.get("preprocessing")
@@ -379,14 +388,6 @@ class SavedModelRunner(_ExportedModel):
         return (None, *self._input_spec.shape[1:])
 
     @property
-    def size_divisor(self) -> int | None:
-        """What H and W must be divisible by: 1 when the signature pads (current exports),
-        else the recorded 2**depth, None if not recorded."""
-        if self.metadata.get("pads_to_divisor"):
-            return 1
-        return self.metadata.get("size_divisor")
-
-    @property
     def output_shape(self) -> tuple:
         """Keras-style output shape (None, H, W, K)."""
         return (None, *self._output_spec.shape[1:])
@@ -519,14 +520,6 @@ class OnnxModel(_ExportedModel):
     def output_shape(self) -> tuple:
         """Keras-style output shape (None, H, W, K)."""
         return (None, *(_onnx_dim(d) for d in self._output.shape[1:]))
-
-    @property
-    def size_divisor(self) -> int | None:
-        """What free spatial sizes must be divisible by: 1 when the file pads (`export_model`'s),
-        else the recorded 2**depth, None if not recorded."""
-        if self.metadata.get("pads_to_divisor"):
-            return 1
-        return self.metadata.get("size_divisor")
 
     @property
     def input_dtype(self) -> np.dtype:
