@@ -23,7 +23,7 @@ only where the data says so:
 
 Memory: an analytic estimate (`estimate_memory`) orders the candidates; with `measure=True`
 the chosen one is verified by `measure_peak_memory`, which trains it for a few steps in a
-child process (`python -m unetpp_tf.planning --measure SPEC`) and reads that process's
+child process (`python -m unetpp_tf.planning --measure SPEC --result FILE`) and reads that process's
 peak: on the CPU the peak resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, read by
 the child itself, so several children never mix their peaks), with a GPU the device's peak
 allocation (`tf.config.experimental.get_memory_info("GPU:0")["peak"]`; JAX:
@@ -45,6 +45,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from unetpp_tf.config import DEFAULT_AUGMENTATION, IMAGE_RECIPE, VOLUME_RECIPES, TrainConfig
 from unetpp_tf.data.fingerprint import Fingerprint, fingerprint
@@ -151,7 +153,7 @@ def measure_peak_memory(
 ) -> dict:
     """Train a configuration for a few steps in a child process and return its peak memory.
 
-    The child (`python -m unetpp_tf.planning --measure SPEC`) builds the model as training
+    The child (`python -m unetpp_tf.planning --measure SPEC --result FILE`) builds the model as training
     does (`training.model_from_config`, the augmenting wrapper when `augment="device"`),
     compiles it with Adam and the run's loss, and trains `steps` batches of random data of
     the planned shape. It reports its own peak: the resident set on the CPU
@@ -183,17 +185,18 @@ def measure_peak_memory(
     """
     spec = dict(settings=_jsonable(settings), channels=int(channels), num_classes=int(num_classes),
                 input_shape=[int(s) for s in input_shape], scans=bool(scans), steps=int(steps))
-    command = [sys.executable, "-m", "unetpp_tf.planning", "--measure", json.dumps(spec)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        what = _describe(settings, input_shape)
-        raise RuntimeError(f"measuring the memory of {what} took over {timeout:g} s.") from None
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        tail = "\n".join(result.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"measuring the memory of {_describe(settings, input_shape)} failed:\n{tail}")
-    return json.loads(lines[-1])
+    with tempfile.TemporaryDirectory(prefix="unetpp-tf-measure-") as scratch:
+        answer = Path(scratch) / "peak.json"
+        command = [sys.executable, "-m", "unetpp_tf.planning", "--measure", json.dumps(spec), "--result", str(answer)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            what = _describe(settings, input_shape)
+            raise RuntimeError(f"measuring the memory of {what} took over {timeout:g} s.") from None
+        if result.returncode != 0 or not answer.is_file():
+            tail = "\n".join(result.stderr.strip().splitlines()[-8:])
+            raise RuntimeError(f"measuring the memory of {_describe(settings, input_shape)} failed:\n{tail}")
+        return json.loads(answer.read_text())
 
 
 def _jsonable(settings: dict) -> dict:
@@ -663,17 +666,20 @@ def planned_config(config: TrainConfig, given, memory_budget_gb: float | None = 
 # ----------------------------------------------------------------------------- child process
 
 
-def _main(argv=None) -> int:
+def _main(argv=None) -> None:
+    """The child: measure the spec, write its peaks to --result (an error exits non-zero with its traceback)."""
     import argparse
+
+    from unetpp_tf import files
 
     parser = argparse.ArgumentParser(prog="python -m unetpp_tf.planning",
                                      description="Measure the peak memory of a few training steps (a planning child).")
     parser.add_argument("--measure", required=True, help="JSON spec (see measure_peak_memory)")
+    parser.add_argument("--result", required=True, help="JSON file the peaks are written to")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    print(json.dumps(_measure_in_this_process(json.loads(args.measure))), flush=True)
-    return 0
+    files.write_json(args.result, _measure_in_this_process(json.loads(args.measure)))
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    _main()
