@@ -227,23 +227,6 @@ def test_unreadable_files_and_a_missing_runtime_are_one_line_errors(exported, tr
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.slow  # on JAX: a TensorFlow child process
-@pytest.mark.backend_independent
-def test_a_model_trained_on_this_backend_exports_to_onnx(tmp_path, rng):
-    """On JAX the conversion runs in the TensorFlow child process (formats pass through it)."""
-    keras.utils.set_random_seed(3)
-    model = unetpp_tf.build_unetpp((32, 32, 1), depth=2, filters=4)
-    model.compile(keras.optimizers.Adam(1e-2), loss=unetpp_tf.losses.BCEDiceLoss())
-    images = rng.random((6, 32, 32, 1), dtype=np.float32)
-    model.train_on_batch(images, (images > 0.5).astype(np.float32))
-
-    report = export_model(model, tmp_path / "export", formats=("onnx",), samples=images[:3])
-    assert [(a["name"], a["format"]) for a in report["artifacts"]] == [("model", "onnx")]
-    assert report["artifacts"][0]["dice_agreement"] >= 0.99 and report["parity_images"] == 3
-    expected = keras.ops.convert_to_numpy(model(images, training=False))
-    np.testing.assert_allclose(OnnxModel(tmp_path / "export" / "model.onnx")(images), expected, atol=1e-4)
-
-
 @pytest.mark.slow  # builds ConvNeXt-Tiny and EfficientNet-B0 encoders
 @pytest.mark.parametrize("encoder", ["convnexttiny", "efficientnetb0"])
 def test_encoders_that_need_rewrites_convert_exactly(encoder, tmp_path, rng):

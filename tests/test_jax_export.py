@@ -1,4 +1,4 @@
-"""Export from any backend: a model trained on the backend Keras runs on exports to SavedModel and TFLite.
+"""Export from any backend: a model trained on the backend Keras runs on exports to SavedModel, TFLite and ONNX.
 
 On TensorFlow `export_model` converts in this process; on JAX it runs the export in a TensorFlow
 child process (`unetpp_tf.export.tensorflow_process`). The same test checks whichever route
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import unetpp_tf
-from unetpp_tf.export import SavedModelRunner, TFLiteModel, export_model, tensorflow_process
+from unetpp_tf.export import OnnxModel, SavedModelRunner, TFLiteModel, export_model, tensorflow_process
 
 
 @pytest.mark.backend_independent
@@ -25,8 +25,9 @@ def test_a_keras_file_trained_on_this_backend_exports_with_parity(tmp_path, rng)
     model.save(tmp_path / "trained.keras")
     trained = keras.models.load_model(tmp_path / "trained.keras", compile=False)
 
-    report = export_model(trained, tmp_path / "export", formats=("saved_model", "tflite"), samples=images[:4])
-    assert [a["name"] for a in report["artifacts"]] == ["saved_model", "model_float32"]
+    report = export_model(trained, tmp_path / "export", formats=("saved_model", "tflite", "onnx"), samples=images[:4])
+    assert [(a["name"], a["format"]) for a in report["artifacts"]] == [
+        ("saved_model", "saved_model"), ("model_float32", "tflite"), ("model", "onnx")]
     assert all(a["dice_agreement"] >= a["threshold"] == 0.99 for a in report["artifacts"])
     assert report["parity_images"] == 4 and report["image_size"] == [32, 32]
     assert json.loads((tmp_path / "export" / "export_report.json").read_text()) == report
@@ -35,6 +36,7 @@ def test_a_keras_file_trained_on_this_backend_exports_with_parity(tmp_path, rng)
     tflite = TFLiteModel(tmp_path / "export" / "model_float32.tflite")
     np.testing.assert_allclose(tflite(images[:2]), expected, atol=1e-4)
     np.testing.assert_allclose(SavedModelRunner(tmp_path / "export" / "saved_model")(images[:2]), expected, atol=1e-4)
+    np.testing.assert_allclose(OnnxModel(tmp_path / "export" / "model.onnx")(images[:2]), expected, atol=1e-4)
     with pytest.raises(ValueError, match="does not match the model's fixed input"):  # checked before any process
         export_model(trained, tmp_path / "other", image_size=(64, 64), samples=images)
 
