@@ -567,13 +567,6 @@ def choose_postprocessing(predictions, truths, num_classes: int, *, candidates=N
     return {"steps": _merge(kept), "record": record}
 
 
-def _labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Class ids from probabilities [..., K]: threshold one sigmoid channel, argmax for softmax."""
-    if probs.shape[-1] == 1:
-        return (probs[..., 0] >= threshold).astype(np.uint8)
-    return np.argmax(probs, axis=-1).astype(np.uint8 if probs.shape[-1] <= 256 else np.int32)
-
-
 def select_postprocessing(model, dataset, *, num_classes: int | None = None, threshold: float = 0.5,
                           mode: str = "accurate", level: int | None = None, candidates=None,
                           min_gain: float = DEFAULT_MIN_GAIN) -> dict:
@@ -603,7 +596,7 @@ def select_postprocessing(model, dataset, *, num_classes: int | None = None, thr
         >>> write_postprocessing("runs/run1", spec)
     """
     from unetpp_tf.data.pipeline import SegmentationData
-    from unetpp_tf.inference import as_single_output
+    from unetpp_tf.inference import as_single_output, labels_from_probabilities
 
     if isinstance(dataset, SegmentationData):
         raise ValueError("dataset is a SegmentationData; pass one split, e.g. data.val.")
@@ -614,7 +607,7 @@ def select_postprocessing(model, dataset, *, num_classes: int | None = None, thr
     predictions, truths = [], []
     for batch in dataset:
         images, masks = np.asarray(batch[0]), np.asarray(batch[1])
-        predictions.extend(_labels(np.asarray(model.predict_on_batch(images)), threshold))
+        predictions.extend(labels_from_probabilities(np.asarray(model.predict_on_batch(images)), threshold))
         truths.extend(masks)
     if not predictions:
         raise ValueError("the dataset is empty: no validation batch to choose post-processing on.")
@@ -652,7 +645,7 @@ def select_postprocessing_volumes(model, volumes, *, num_classes: int | None = N
     Example:
         >>> spec = select_postprocessing_volumes(model, data.volumes["val"], patch_size=(32, 64, 64))
     """
-    from unetpp_tf.inference import as_single_output
+    from unetpp_tf.inference import as_single_output, labels_from_probabilities
     from unetpp_tf.volume_inference import predict_volume
 
     if isinstance(volumes, dict):
@@ -676,7 +669,7 @@ def select_postprocessing_volumes(model, volumes, *, num_classes: int | None = N
 
             image = apply_window(image, window)
         probs = predict_volume(model, image, patch_size=patch_size, overlap=overlap, batch_size=batch_size)
-        predictions.append(_labels(probs, threshold))
+        predictions.append(labels_from_probabilities(probs, threshold))
         truths.append(np.asarray(volume.label))
     return choose_postprocessing(predictions, truths, num_classes, candidates=candidates, pooling="volumes",
                                  min_gain=min_gain)
